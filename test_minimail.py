@@ -1,0 +1,631 @@
+"""minimail's tests, run the way a user meets it.
+
+Each test starts the real program (`python minimail.py --foreground ...`) on a
+free loopback port, in front of a real OpenSSH sshd on 127.0.0.1 (throwaway
+host and client keys in a temp dir) and a real SMTP server standing in for the
+hoster (aiosmtpd), then talks to it with real SMTP clients (smtplib, swaks)
+and looks at what the user would see: the mail that arrived, the replies, the
+log, the processes.  All traffic stays on loopback; every wait is bounded.
+"""
+
+import hashlib
+import os
+import pwd
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from aiosmtpd.controller import Controller
+
+import minimail
+
+HERE = Path(__file__).resolve().parent
+MINIMAIL = HERE / "minimail.py"
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+SWAKS = shutil.which("swaks")
+IN_CI = bool(os.environ.get("CI"))
+
+
+def need(tool, path):
+    """Skip when a tool is missing, except in CI, where that is a failure."""
+    if path and os.access(path, os.X_OK):
+        return
+    if IN_CI:
+        pytest.fail(f"{tool} is missing, and CI must run the tests that need it")
+    pytest.skip(f"{tool} is not installed")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout, what):
+    """Poll predicate until it returns something true; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def child_processes(pid):
+    """[(pid, command name, state)] of the direct children of pid, zombies included."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat_line = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name = stat_line[stat_line.index("(") + 1:stat_line.rindex(")")]
+        state, ppid = stat_line[stat_line.rindex(")") + 2:].split()[:2]
+        if int(ppid) == pid:
+            children.append((int(entry.name), name, state))
+    return children
+
+
+# ---------------------------------------------------------------------------
+# The real parts: sshd, the hoster's SMTP server, minimail itself
+# ---------------------------------------------------------------------------
+
+class Sshd:
+    """A real OpenSSH sshd on 127.0.0.1 that lets the current user in by key."""
+
+    def __init__(self, root):
+        need("sshd (openssh-server)", SSHD)
+        self.root = root
+        self.port = free_port()
+        run = lambda *argv: subprocess.run(argv, check=True, capture_output=True, timeout=30)
+        run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "host_key"))
+        run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "client_key"))
+        shutil.copy(root / "client_key.pub", root / "authorized_keys")
+        host_key = (root / "host_key.pub").read_text().split()[:2]
+        (root / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {' '.join(host_key)}\n")
+        (root / "sshd_config").write_text(f"""\
+Port {self.port}
+ListenAddress 127.0.0.1
+HostKey {root}/host_key
+PidFile {root}/sshd.pid
+AuthorizedKeysFile {root}/authorized_keys
+StrictModes no
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+AllowTcpForwarding yes
+LogLevel VERBOSE
+""")
+        self.config = root / "ssh_config"
+        self.config.write_text(f"""\
+Host *
+  HostName 127.0.0.1
+  Port {self.port}
+  User {pwd.getpwuid(os.geteuid()).pw_name}
+  IdentityFile {root}/client_key
+  IdentitiesOnly yes
+  UserKnownHostsFile {root}/known_hosts
+  GlobalKnownHostsFile /dev/null
+  StrictHostKeyChecking yes
+  PasswordAuthentication no
+""")
+        if os.geteuid() == 0:
+            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)   # privilege separation
+        self.log = root / "sshd.log"
+        self.proc = subprocess.Popen(
+            [SSHD, "-D", "-e", "-f", str(root / "sshd_config")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
+        wait_until(self.greets, 10, "sshd to listen")
+
+    def greets(self):
+        if self.proc.poll() is not None:
+            pytest.fail(f"sshd exited: {self.log.read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+                return sock.recv(64).startswith(b"SSH-")
+        except OSError:
+            return False
+
+    @property
+    def ssh(self):
+        """The --ssh value that points ssh at this server."""
+        return f"ssh -F {self.config}"
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+class Hoster:
+    """A real SMTP server (aiosmtpd) standing in for the hoster's; it keeps every message."""
+
+    def __init__(self):
+        self.messages = []
+        self.port = free_port()
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        self.controller.start()
+
+    async def handle_DATA(self, server, session, envelope):
+        self.messages.append(envelope)
+        return "250 2.0.0 stored"
+
+    def bodies(self):
+        return [envelope.content for envelope in self.messages]
+
+
+class Minimail:
+    """`python minimail.py --foreground --listen 127.0.0.1:PORT ARGS...`, its log in a file."""
+
+    def __init__(self, args, log_path):
+        self.port = free_port()
+        self.log_path = log_path
+        self.argv = [sys.executable, str(MINIMAIL), "--foreground",
+                     "--listen", f"127.0.0.1:{self.port}", *args]
+        with open(log_path, "wb") as log_file:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=log_file)
+        self.wait_for_log(r"listening on")
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, pattern, timeout=10):
+        def seen():
+            if self.proc.poll() is not None:
+                pytest.fail(f"minimail exited with {self.proc.returncode}:\n{self.log()}")
+            return re.search(pattern, self.log())
+        return wait_until(seen, timeout, f"{pattern!r} in minimail's log")
+
+    def tunnel_starts(self):
+        return len(re.findall(r"tunnel starting \(pid \d+\)", self.log()))
+
+    def tunnels(self):
+        """The tunnel processes running now (minimail's children)."""
+        return child_processes(self.proc.pid)
+
+    def stop(self, timeout=15):
+        """SIGTERM, as systemd or Ctrl-C would; return the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"minimail did not stop within {timeout} s:\n{self.log()}")
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    server = Sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hoster():
+    server = Hoster()
+    yield server
+    server.controller.stop()
+
+
+@pytest.fixture
+def minimail_process(tmp_path):
+    """Start minimail with the given arguments; it is stopped (and must exit 0) after the test."""
+    started = []
+
+    def start(*args):
+        process = Minimail([str(a) for a in args], tmp_path / f"minimail-{len(started)}.log")
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        assert process.stop() == 0, process.log()
+        assert process.tunnels() == [], "a tunnel process outlived minimail"
+
+
+@pytest.fixture
+def through_ssh(sshd, hoster, minimail_process):
+    """Start minimail in front of the test sshd, tunnelling to the hoster."""
+    def start(*args, linger=5, remote=None):
+        return minimail_process("--ssh", sshd.ssh, "--remote", remote or f"127.0.0.1:{hoster.port}",
+                                "--linger", linger, "--jitter", 0, *args, "hoster")
+    return start
+
+
+# ---------------------------------------------------------------------------
+# Helpers that act like a mail client
+# ---------------------------------------------------------------------------
+
+def make_message(marker, size=2000):
+    """A message with CRLF line ends, a line that needs dot-stuffing, and a body
+    full of marker text that must never show up in a log."""
+    body = "".join(f"{marker} line {i}\r\n" for i in range(size // 40 + 1))
+    return (f"From: cron@desktop.example\r\nTo: admin@hoster.example\r\n"
+            f"Subject: {marker} subject\r\n\r\n.a line starting with a dot\r\n{body}").encode()
+
+
+def send_mail(port, message, timeout=30):
+    with smtplib.SMTP("127.0.0.1", port, timeout=timeout) as smtp:
+        smtp.sendmail("cron@desktop.example", ["admin@hoster.example"], message)
+
+
+def read_until_eof(sock, timeout=20):
+    sock.settimeout(timeout)
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+# ---------------------------------------------------------------------------
+# Mail gets through, unchanged
+# ---------------------------------------------------------------------------
+
+def test_mail_sent_with_smtplib_arrives_byte_identical(through_ssh, hoster):
+    mm = through_ssh()
+    message = make_message("smtplib-7f3a")
+    send_mail(mm.port, message)
+    send_mail(hoster.port, message)           # the same mail, straight to the hoster
+    assert hoster.bodies() == [message, message]
+    assert mm.tunnel_starts() == 1
+    mm.wait_for_log(r"client 127\.0\.0\.1:\d+: ok; \d+ bytes from client, \d+ to client")
+
+
+def test_mail_sent_with_swaks_arrives_byte_identical(through_ssh, hoster, tmp_path):
+    need("swaks", SWAKS)
+    mm = through_ssh()
+    message = make_message("swaks-51c2")
+    (tmp_path / "mail.eml").write_bytes(message)
+    for port in (mm.port, hoster.port):       # through minimail, then straight to the hoster
+        result = subprocess.run(
+            [SWAKS, "--server", "127.0.0.1", "--port", str(port), "--from", "cron@desktop.example",
+             "--to", "admin@hoster.example", "--data", f"@{tmp_path / 'mail.eml'}"],
+            capture_output=True, timeout=60)
+        assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    through_minimail, direct = hoster.bodies()
+    assert through_minimail == direct
+    assert through_minimail.startswith(message)   # swaks adds only a final line end
+
+
+def test_log_holds_no_message_content(through_ssh, hoster):
+    mm = through_ssh("--verbose")
+    send_mail(mm.port, make_message("SECRET-PAYLOAD-93e1"))
+    assert len(hoster.messages) == 1
+    mm.wait_for_log(r"client 127\.0\.0\.1:\d+: ok")    # the session was logged...
+    log = mm.log()
+    assert "SECRET-PAYLOAD" not in log                  # ...but none of the mail
+    assert "admin@hoster.example" not in log and "cron@desktop" not in log
+
+
+# ---------------------------------------------------------------------------
+# The tunnel on demand
+# ---------------------------------------------------------------------------
+
+def test_no_tunnel_runs_until_the_first_client(through_ssh, hoster):
+    mm = through_ssh()
+    time.sleep(0.5)
+    assert mm.tunnels() == [] and mm.tunnel_starts() == 0
+    send_mail(mm.port, make_message("first"))
+    assert [name for _, name, _ in mm.tunnels()] == ["ssh"]
+    assert mm.tunnel_starts() == 1
+    mm.wait_for_log(r"tunnel up after")
+
+
+def test_twenty_clients_at_once_share_one_cold_tunnel(through_ssh, hoster):
+    mm = through_ssh()
+    start = threading.Barrier(20)
+    errors = []
+
+    def client(i):
+        try:
+            start.wait(timeout=10)
+            send_mail(mm.port, make_message(f"client-{i}", size=500))
+        except Exception as exc:                  # collected and reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert len(hoster.messages) == 20
+    assert sorted(hoster.bodies()) == sorted(make_message(f"client-{i}", size=500) for i in range(20))
+    assert mm.tunnel_starts() == 1
+    assert len(mm.tunnels()) == 1
+
+
+def test_tunnel_stops_linger_after_the_last_client_and_is_reaped(through_ssh, hoster):
+    mm = through_ssh(linger=2)
+    send_mail(mm.port, make_message("linger"))
+    finished = time.monotonic()
+    (pid, _, _), = mm.tunnels()
+    time.sleep(0.5)
+    assert [p for p, _, _ in mm.tunnels()] == [pid], "the tunnel stopped before its linger"
+    mm.wait_for_log(rf"tunnel stopped \(pid {pid}, linger expired\)", timeout=10)
+    assert time.monotonic() - finished >= 2
+    wait_until(lambda: mm.tunnels() == [], 5, "the ssh process to be reaped")
+
+
+def test_a_new_client_cancels_the_countdown(through_ssh, hoster):
+    mm = through_ssh("--verbose", linger=1.5)
+    send_mail(mm.port, make_message("one"))
+    mm.wait_for_log(r"countdown: stopping the tunnel in")
+    send_mail(mm.port, make_message("two"))
+    mm.wait_for_log(r"countdown cancelled")
+    assert len(hoster.messages) == 2
+    assert mm.tunnel_starts() == 1
+    mm.wait_for_log(r"linger expired", timeout=10)
+    send_mail(mm.port, make_message("three"))       # after the stop: a fresh tunnel
+    assert mm.tunnel_starts() == 2 and len(hoster.messages) == 3
+
+
+def test_a_session_longer_than_linger_is_not_cut(through_ssh, hoster):
+    mm = through_ssh(linger=0.3)
+    message = make_message("slow-client")
+    with smtplib.SMTP("127.0.0.1", mm.port, timeout=30) as smtp:
+        smtp.ehlo()
+        time.sleep(1.5)                               # five times the linger, mid-session
+        smtp.mail("cron@desktop.example")
+        smtp.rcpt("admin@hoster.example")
+        time.sleep(1.0)
+        smtp.data(message)
+    assert hoster.bodies() == [message]
+    assert "linger expired" not in mm.log().split("client 127.0.0.1")[0]
+    assert mm.tunnel_starts() == 1
+
+
+def test_the_tunnel_socket_lives_in_a_private_directory_removed_on_exit(through_ssh, hoster):
+    mm = through_ssh()
+    send_mail(mm.port, make_message("private"))
+    (pid, _, _), = mm.tunnels()
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    forward = argv[argv.index(b"-L") + 1].decode()
+    socket_path = Path(forward.split(":")[0])
+    assert forward.endswith(f":127.0.0.1:{hoster.port}")
+    assert stat.S_ISSOCK(socket_path.stat().st_mode)
+    assert stat.S_IMODE(socket_path.parent.stat().st_mode) == 0o700
+    assert argv[-2:] == [b"hoster", b"cat"] and b"BatchMode=yes" in argv
+    assert mm.stop() == 0
+    assert not socket_path.parent.exists()
+
+
+# ---------------------------------------------------------------------------
+# The splice itself: early bytes and half-closes (through a stand-in tunnel)
+# ---------------------------------------------------------------------------
+
+#: A stand-in for ssh: listens on the tunnel port and serves each connection.
+#:   echo DELAY PORT  -- start listening only after DELAY seconds; echo until EOF
+#:   greet PORT FILE  -- send 1 MiB and half-close; then sink until EOF and
+#:                       write "<length> <sha256>" of what arrived to FILE
+TUNNEL_DOUBLE = r'''
+import hashlib, socket, sys, threading, time
+
+def echo(conn):
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            break
+        conn.sendall(data)
+    conn.shutdown(socket.SHUT_WR)
+    conn.close()
+
+def greet(conn, path):
+    conn.sendall(bytes(range(256)) * 4096)
+    conn.shutdown(socket.SHUT_WR)
+    digest, length = hashlib.sha256(), 0
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            break
+        digest.update(data)
+        length += len(data)
+    with open(path, "w") as out:
+        out.write(f"{length} {digest.hexdigest()}")
+    conn.close()
+
+mode = sys.argv[1]
+if mode == "echo":
+    time.sleep(float(sys.argv[2]))
+    port, serve, extra = int(sys.argv[3]), echo, ()
+else:
+    port, serve, extra = int(sys.argv[2]), greet, (sys.argv[3],)
+listener = socket.create_server(("127.0.0.1", port))
+while True:
+    conn, _ = listener.accept()
+    threading.Thread(target=serve, args=(conn, *extra), daemon=True).start()
+'''
+
+
+@pytest.fixture
+def tunnel_double(tmp_path, minimail_process):
+    """Start minimail with the stand-in tunnel command; returns (minimail, tunnel port)."""
+    script = tmp_path / "tunnel_double.py"
+    script.write_text(TUNNEL_DOUBLE)
+
+    def start(*command, linger=5, wait=30):
+        port = free_port()
+        words = [sys.executable, script, *[str(w).format(port=port) for w in command]]
+        mm = minimail_process("--tunnel-port", port, "--tunnel-command", " ".join(map(str, words)),
+                              "--linger", linger, "--jitter", 0, "--wait", wait)
+        return mm, port
+    return start
+
+
+def test_an_eager_clients_early_bytes_wait_for_the_tunnel(tunnel_double):
+    mm, _ = tunnel_double("echo", 1.0, "{port}")
+    payload = os.urandom(300_000)
+    with socket.create_connection(("127.0.0.1", mm.port), timeout=10) as client:
+        client.sendall(payload)                   # long before the tunnel listens
+        client.shutdown(socket.SHUT_WR)           # and half-close: the echo must still come
+        echoed = read_until_eof(client)
+    assert hashlib.sha256(echoed).hexdigest() == hashlib.sha256(payload).hexdigest()
+    assert mm.tunnel_starts() == 1
+    mm.wait_for_log(r"client .*: ok; 300000 bytes from client, 300000 to client")
+
+
+def test_half_close_from_the_far_side_passes_through(tunnel_double, tmp_path):
+    report = tmp_path / "received.txt"
+    mm, _ = tunnel_double("greet", "{port}", report)
+    payload = os.urandom(500_000)
+    with socket.create_connection(("127.0.0.1", mm.port), timeout=10) as client:
+        greeting = read_until_eof(client)        # the far side has said all it will
+        assert greeting == bytes(range(256)) * 4096
+        client.sendall(payload)                   # but still listens
+        client.shutdown(socket.SHUT_WR)
+        assert client.recv(1) == b""
+    wait_until(report.exists, 10, "the far side to report what it received")
+    assert report.read_text() == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}"
+
+
+# ---------------------------------------------------------------------------
+# Failures are SMTP answers, not hangs
+# ---------------------------------------------------------------------------
+
+def test_ssh_that_cannot_connect_gives_421_within_wait(through_ssh, hoster):
+    closed_port = free_port()
+    mm = through_ssh("--wait", 5, "-o", f"Port={closed_port}")
+    started = time.monotonic()
+    with pytest.raises(smtplib.SMTPConnectError) as refused:
+        smtplib.SMTP("127.0.0.1", mm.port, timeout=30)
+    assert time.monotonic() - started < 5 + 1
+    assert refused.value.smtp_code == 421
+    assert refused.value.smtp_error.startswith(b"4.4.0 ")
+    assert re.search(rf"ssh\[\d+\]: ssh: connect to host 127.0.0.1 port {closed_port}: "
+                     r"Connection refused", mm.log())
+    assert mm.proc.poll() is None                  # minimail itself carries on
+    with pytest.raises(smtplib.SMTPConnectError) as again:
+        smtplib.SMTP("127.0.0.1", mm.port, timeout=30)
+    assert again.value.smtp_code == 421
+    assert hoster.messages == []
+
+
+def test_a_tunnel_that_never_accepts_gives_421_at_wait(tunnel_double):
+    mm, _ = tunnel_double("echo", 60, "{port}", wait=1)   # listens only after a minute
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", mm.port), timeout=10) as client:
+        reply = read_until_eof(client)
+    waited = time.monotonic() - started
+    assert reply.startswith(b"421 4.4.0 ") and reply.endswith(b"\r\n")
+    assert b"not up within" in reply
+    assert 1.0 <= waited < 1.0 + 1, waited
+
+
+def test_a_far_side_that_refuses_gives_421(through_ssh, hoster):
+    mm = through_ssh(remote=f"127.0.0.1:{free_port()}")         # nothing listens there
+    with pytest.raises(smtplib.SMTPConnectError) as refused:
+        smtplib.SMTP("127.0.0.1", mm.port, timeout=30)
+    assert refused.value.smtp_code == 421
+    assert mm.proc.poll() is None
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--foreground"], "DESTINATION is missing"),
+    (["--foreground", "--bogus", "me@host"], "unknown option --bogus"),
+    (["--foreground", "--listen", "25x", "me@host"], "--listen: '25x' is not HOST:PORT"),
+    (["--foreground", "--listen", "127.0.0.1:99999", "me@host"], "not a port number"),
+    (["--foreground", "--listen", "mail.example:25", "me@host"], "is not an IP address"),
+    (["--foreground", "--listen", "[::1:25", "me@host"], "is not [IPv6]:PORT"),
+    (["--foreground", "--linger", "soon", "me@host"], "--linger: 'soon' is not a number"),
+    (["--foreground", "--wait", "-1", "me@host"], "--wait: '-1' must be zero or more"),
+    (["--foreground", "--remote", "localhost:0", "me@host"], "--remote: '0' is not a port"),
+    (["--foreground", "--tunnel-port", "x", "me@host"], "--tunnel-port: 'x' is not a port"),
+    (["--foreground", "--max-clients", "0", "me@host"], "--max-clients: '0' is not a whole"),
+    (["--foreground", "--tunnel-command", "true"], "--tunnel-command needs --tunnel-port"),
+    (["--foreground", "-t", "2600", "--tunnel-command", "'unbalanced"], "No closing quotation"),
+    (["--foreground", "me@ho st"], "is not an ssh destination"),
+    (["--foreground", "me@host", "extra"], "unexpected argument 'extra'"),
+])
+def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
+    assert minimail.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_a_busy_listen_port_exits_1_with_one_line():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, MINIMAIL, "--foreground", "--listen",
+                                 f"127.0.0.1:{port}", "me@host"], capture_output=True, timeout=20)
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == [
+        f"minimail: cannot listen on 127.0.0.1:{port}: address already in use"]
+
+
+def test_a_copied_script_alone_shows_its_help(tmp_path):
+    copy = tmp_path / "minimail.py"
+    shutil.copy(MINIMAIL, copy)
+    result = subprocess.run([sys.executable, copy, "--help"], cwd=tmp_path,
+                            capture_output=True, timeout=20)
+    assert result.returncode == 0
+    assert result.stdout.decode().startswith("minimail: ")
+    assert "--tunnel-command=CMD" in result.stdout.decode()
+
+
+def test_sigterm_stops_minimail_and_its_tunnel(through_ssh, hoster):
+    mm = through_ssh()
+    send_mail(mm.port, make_message("before-stop"))
+    assert len(mm.tunnels()) == 1
+    assert mm.stop() == 0
+    assert mm.tunnels() == []
+    assert re.search(r"tunnel stopped \(pid \d+, minimail is stopping\)", mm.log())
+
+
+# ---------------------------------------------------------------------------
+# Pure logic
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("25", (socket.AF_INET, "127.0.0.1", 25)),
+    ("127.0.0.1:2525", (socket.AF_INET, "127.0.0.1", 2525)),
+    ("localhost:2525", (socket.AF_INET, "127.0.0.1", 2525)),
+    ("0.0.0.0:25", (socket.AF_INET, "0.0.0.0", 25)),
+    ("[::1]:25", (socket.AF_INET6, "::1", 25)),
+])
+def test_listen_addresses(text, expected):
+    assert minimail.parse_listen(text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("localhost:25", "localhost:25"), ("587", "localhost:587"),
+    ("mail.example.org:25", "mail.example.org:25"), ("[::1]:25", "[::1]:25"),
+])
+def test_remote_addresses(text, expected):
+    assert minimail.parse_remote(text) == expected
+
+
+def test_ssh_argv_keeps_safety_options_first_and_holds_a_session():
+    argv = minimail.ssh_argv(["ssh", "-F", "cfg"], ["BatchMode=no", "ServerAliveInterval=2"],
+                             "/run/mm/tunnel.sock:localhost:25", "me@hoster", session=True)
+    options = [argv[i + 1] for i, word in enumerate(argv) if word == "-o"]
+    assert argv[:4] == ["ssh", "-F", "cfg", "-T"]
+    assert options.index("BatchMode=yes") < options.index("BatchMode=no")
+    assert options.index("ServerAliveInterval=2") < options.index("ServerAliveInterval=15")
+    assert {"ExitOnForwardFailure=yes", "ControlMaster=no", "ControlPath=none",
+            "StreamLocalBindUnlink=yes", "ServerAliveCountMax=3"} <= set(options)
+    assert argv[-4:] == ["-L", "/run/mm/tunnel.sock:localhost:25", "me@hoster", "cat"]
+    no_session = minimail.ssh_argv(["ssh"], [], "x:localhost:25", "me@hoster", session=False)
+    assert no_session[-4:] == ["-L", "x:localhost:25", "-N", "me@hoster"]
