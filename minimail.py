@@ -35,7 +35,8 @@ Options:
   --wait=SECONDS            How long a client waits for the tunnel before
                             it gets 421. [default: 30]
   --idle-timeout=SECONDS    Close a client after this long without a byte
-                            in either direction. [default: 300]
+                            in either direction; 0 means never.
+                            [default: 300]
   --max-clients=N           Clients served at once; more get 421.
                             [default: 100]
   --drain=SECONDS           On SIGTERM, let active sessions finish for up
@@ -76,6 +77,7 @@ listen address is taken), 2 for a usage error.
 import errno
 import ipaddress
 import logging
+import math
 import os
 import random
 import re
@@ -114,6 +116,9 @@ SSH_DEFAULT_OPTIONS = (
 SESSION_COMMAND = "cat"
 #: ssh's own exit status for its errors (as opposed to the remote command's).
 SSH_ERROR_STATUS = 255
+#: A session that ends this soon after the start, with the remote command's own
+#: exit status, means the account may not run commands: fall back to -N.
+SESSION_PROBATION = 10.0
 
 #: Bytes read per chunk; a buffer is taken from the pool only once data waits.
 CHUNK_SIZE = 256 * 1024
@@ -164,14 +169,14 @@ class ClientGone(Exception):
 
 def parse_port(text, what):
     """Return text as a TCP port number, 1..65535."""
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise UsageError(f"{what}: {text!r} is not a port number (1-65535)")
     return int(text)
 
 
 def split_host_port(text, what):
     """Split HOST:PORT, [IPv6]:PORT or a bare PORT into (host or None, port)."""
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return None, parse_port(text, what)
     if text.startswith("["):
         host, bracket, rest = text[1:].partition("]")
@@ -218,7 +223,7 @@ def parse_seconds(text, what):
 
 def parse_count(text, what):
     """Return text as a whole number of at least 1."""
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise UsageError(f"{what}: {text!r} is not a whole number of at least 1")
     return int(text)
 
@@ -394,7 +399,7 @@ class Tunnel:
         """Raise TunnelUnavailable while minimail backs off after a failed start."""
         left = self.retry_at - time.monotonic()
         if self.proc is None and left > 0:
-            raise TunnelUnavailable(f"{self.error}; next try in {left:.0f} s")
+            raise TunnelUnavailable(f"{self.error}; next try in {math.ceil(left)} s")
 
     @property
     def accepting(self):
@@ -477,7 +482,7 @@ class Tunnel:
         was_up, self.state, self.deadline = self.state == "up", "down", None
         if self.stop_reason:
             log.info("tunnel stopped (pid %d, %s): %s", proc.pid, self.stop_reason, describe_exit(code))
-        elif self.session and code >= 0 and code != SSH_ERROR_STATUS:
+        elif self.session and uptime < SESSION_PROBATION and 0 <= code != SSH_ERROR_STATUS:
             self.session = False
             log.warning("the remote command ended at once (%s): %s allows no session here; "
                         "using ssh -N from now on (see --no-session)",

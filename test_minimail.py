@@ -598,6 +598,22 @@ def test_sigterm_stops_minimail_and_its_tunnel(through_ssh, hoster):
 # Pure logic
 # ---------------------------------------------------------------------------
 
+def test_every_documented_option_is_understood():
+    """docopt-ng reads any docstring line that starts with a dash as an option:
+    a wrapped description must not, or options go missing or clash."""
+    argv = ["--foreground", "-l", "[::1]:2525", "-t", "2600", "-r", "mail:587", "--linger", "1",
+            "--jitter", "2", "--wait", "3", "--idle-timeout", "4", "--max-clients", "5",
+            "--drain", "6", "--ssh", "ssh -F cfg", "-o", "A=1", "-o", "B=2", "--no-session",
+            "-v", "me@hoster"]
+    settings = minimail.Settings(minimail.docopt(minimail.__doc__, argv))
+    assert settings.listen == (socket.AF_INET6, "::1", 2525)
+    assert (settings.tunnel_port, settings.remote, settings.destination) == (2600, "mail:587", "me@hoster")
+    assert (settings.linger, settings.jitter, settings.wait, settings.idle_timeout,
+            settings.max_clients, settings.drain) == (1, 2, 3, 4, 5, 6)
+    assert settings.ssh == ["ssh", "-F", "cfg"] and settings.ssh_options == ["A=1", "B=2"]
+    assert not settings.session and settings.verbose
+    assert set(minimail.option_table()) >= {"-X", "--foreground", "--tunnel-command", "--help"}
+
 @pytest.mark.parametrize("text, expected", [
     ("25", (socket.AF_INET, "127.0.0.1", 25)),
     ("127.0.0.1:2525", (socket.AF_INET, "127.0.0.1", 2525)),
