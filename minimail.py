@@ -11,10 +11,23 @@ gets "421 4.4.0" and keeps its mail queued.  --linger seconds (plus a random
 0..--jitter) after the last client has gone, ssh is stopped again.
 
 Usage:
-  minimail --foreground [options] [-o OPT]... DESTINATION
-  minimail --foreground [options] --tunnel-command=CMD
+  minimail stop [options]
+  minimail status [--json] [options]
+  minimail [start | restart | check | --foreground] [options] [-o OPT]...
+           (DESTINATION | --tunnel-command=CMD)
   minimail -h | --help
   minimail --version
+
+Commands:
+  start     Detach into the background (also what a bare `minimail ...
+            DESTINATION` does) and return once the daemon listens.
+  stop      Stop the daemon and wait until it is gone.
+  restart   Stop the daemon if it runs, then start it.
+  status    Say whether the daemon runs, and what its tunnel and clients do
+            (exit 0 when it runs, 3 when it does not).
+  check     Try the tunnel once, as the daemon would, and say what is wrong.
+  (none)    The same as start; with --foreground, stay in the foreground
+            and log to stderr (as under systemd).
 
 Options:
   -X, --foreground          Stay in the foreground and log to stderr.
@@ -51,6 +64,12 @@ Options:
                             one) as the tunnel instead of ssh; while it
                             runs, it must accept connections on the
                             tunnel port.
+  -u USER, --user=USER      When started as root: the user to become once
+                            the port is bound (default: $SUDO_USER).  To
+                            keep root, say --user root.
+  --pidfile=PATH            The daemon's pid file (see Files below).
+  --logfile=PATH            The daemon's log file (see Files below).
+  --json                    With status: print the daemon's state as JSON.
   -v, --verbose             Log debug messages too.
   -h, --help                Show this text.
   --version                 Show the version.
@@ -66,6 +85,17 @@ session OpenSSH never turns on TCP_NODELAY and every mail stalls on Nagle's
 algorithm.  If DESTINATION ends that session at once (a forced command, a
 restricted shell), minimail falls back to "ssh -N" by itself.
 
+Files: as root, the pid file is /run/minimail/minimail.pid and the log
+/var/log/minimail.log; otherwise the pid file is in $XDG_RUNTIME_DIR/minimail
+(or ~/.local/state/minimail) and the log in ~/.local/state/minimail.  The
+state file that `status` reads lies beside the pid file.  With --foreground,
+minimail logs to stderr and writes a pid file only when --pidfile is given.
+
+Privileges: started as root, minimail binds the port, then becomes --user for
+good before it runs ssh, so ssh uses that user's keys and known_hosts.  Under
+systemd, minimail.service grants the port without root, and minimail.socket
+hands over a bound socket (socket activation).  SIGHUP reopens the log file.
+
 Stopping: SIGTERM or SIGINT stops accepting clients at once, lets active
 sessions finish for up to --drain seconds, then closes them, stops ssh and
 exits 0.  A second signal stops at once.
@@ -74,13 +104,18 @@ Exit status: 0 on a clean stop, 1 when minimail cannot run (for example the
 listen address is taken), 2 for a usage error.
 """
 
+import collections
 import errno
+import importlib
 import ipaddress
+import json
 import logging
 import math
 import os
+import pwd
 import random
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -88,6 +123,7 @@ import socket
 import sys
 import tempfile
 import time
+from contextlib import closing
 
 import gevent
 import gevent.socket
@@ -143,8 +179,20 @@ BACKOFF_MAX = 60.0
 REPLY_LINGER = 1.0
 #: The listen backlog; the kernel caps it at net.core.somaxconn.
 LISTEN_BACKLOG = 4096
+#: Lines of the tunnel's stderr kept for `check` and the 421 reply.
+STDERR_TAIL = 20
 #: Environment variables of a service manager that the tunnel must not inherit.
 SERVICE_VARIABLES = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
+#: The first file descriptor systemd passes with socket activation.
+SD_LISTEN_FDS_START = 3
+#: The open-files limit to aim for when the hard limit is unlimited.
+OPEN_FILES_CAP = 1 << 20
+#: Changes to the daemon's state within this many seconds make one write of the state file.
+STATE_DELAY = 0.05
+#: How long `minimail stop` waits for the daemon to end before it kills it.
+STOP_WAIT = 30.0
+#: How long `minimail check` waits for the far side's greeting.
+GREETING_WAIT = 10.0
 
 
 class UsageError(Exception):
@@ -299,6 +347,9 @@ class Settings:
         self.ssh_options = args["-o"]
         self.session = not args["--no-session"]
         self.verbose = args["--verbose"]
+        self.user = args["--user"]
+        self.pidfile = args["--pidfile"] and os.path.abspath(args["--pidfile"])
+        self.logfile = args["--logfile"] and os.path.abspath(args["--logfile"])
         self.destination = args["DESTINATION"] and parse_destination(args["DESTINATION"])
         self.tunnel_command = args["--tunnel-command"] and parse_command(
             args["--tunnel-command"], "--tunnel-command")
@@ -346,6 +397,11 @@ def describe_exit(code):
     return f"exited with code {code}"
 
 
+def wall_clock(moment):
+    """A time.monotonic() moment as seconds since the epoch (None stays None)."""
+    return None if moment is None else time.time() - (time.monotonic() - moment)
+
+
 def unlink_socket(endpoint):
     """Remove the tunnel's Unix socket, if it is one and it is there."""
     if isinstance(endpoint, str) and os.path.lexists(endpoint):
@@ -377,9 +433,11 @@ class Tunnel:
         self.stop_reason = None           # set when minimail stops the child
         self.deadline = None              # when the countdown ends
         self.failures = 0                 # failed starts in a row
+        self.last_exit = None             # the last child's exit status
         self.retry_at = 0.0               # no start before this (backoff)
         self.error = None                 # why the last start failed
-        self.last_stderr = None
+        self.stderr_tail = collections.deque(maxlen=STDERR_TAIL)
+        self.on_change = lambda: None     # e.g. the state file's writer
         self.changed = Event()
         self._wake = Event()
 
@@ -401,10 +459,48 @@ class Tunnel:
         if self.proc is None and left > 0:
             raise TunnelUnavailable(f"{self.error}; next try in {math.ceil(left)} s")
 
-    @property
-    def accepting(self):
-        """True while a connection attempt can succeed."""
-        return self.state in ("starting", "up")
+    def connect(self, wait, abandoned=lambda: False):
+        """Connect to the tunnel's local end, retrying until it accepts.
+
+        The caller must have acquire()d the tunnel.  Gives up with
+        TunnelUnavailable when a start fails or after `wait` seconds, and with
+        ClientGone as soon as abandoned() says nobody needs the connection.
+        """
+        deadline = time.monotonic() + wait
+        pause = POLL_FIRST
+        while True:
+            changed = self.changed
+            if self.state in ("starting", "up"):
+                upstream = self._try_connect()
+                if upstream is not None:
+                    self.mark_up()
+                    return upstream
+            self.check()
+            if abandoned():
+                raise ClientGone()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TunnelUnavailable(f"the tunnel was not up within {wait:g} s")
+            changed.wait(min(pause, left))
+            pause = min(pause * POLL_GROWTH, POLL_MAX)
+
+    def _try_connect(self):
+        """One attempt to connect to the tunnel; None while nobody accepts there."""
+        if isinstance(self.endpoint, str):
+            sock, address = gevent.socket.socket(socket.AF_UNIX), self.endpoint
+        else:
+            sock, address = gevent.socket.socket(socket.AF_INET), ("127.0.0.1", self.endpoint)
+        try:
+            sock.connect(address)
+        except (ConnectionRefusedError, FileNotFoundError):
+            sock.close()
+            return None
+        except OSError as exc:
+            sock.close()
+            raise TunnelUnavailable(f"cannot connect to the tunnel: {exc.strerror}") from None
+        if sock.family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
 
     def mark_up(self):
         """A client got through: the tunnel works."""
@@ -412,6 +508,7 @@ class Tunnel:
             self.state = "up"
             self.failures = 0
             log.info("tunnel up after %.2f s", time.monotonic() - self.started_at)
+            self.on_change()
 
     # -- the supervisor -----------------------------------------------------
 
@@ -430,6 +527,7 @@ class Tunnel:
             if self.deadline is not None:
                 log.debug("countdown cancelled: a client arrived")
                 self.deadline = None
+                self.on_change()
             if self.proc is None:
                 if now < self.retry_at:
                     return self.retry_at - now
@@ -439,6 +537,7 @@ class Tunnel:
                 linger = self.settings.linger + random.uniform(0, self.settings.jitter)
                 self.deadline = now + linger
                 log.debug("countdown: stopping the tunnel in %.1f s", linger)
+                self.on_change()
             if now < self.deadline:
                 return self.deadline - now
             self._stop("linger expired")
@@ -457,7 +556,7 @@ class Tunnel:
             self._failed(now, f"cannot run {argv[0]}: {exc.strerror}")
             return
         self.state, self.started_at, self.stop_reason = "starting", now, None
-        self.last_stderr = None
+        self.stderr_tail.clear()
         log.info("tunnel starting (pid %d)", self.proc.pid)
         log.debug("tunnel command: %s", shlex.join(argv))
         gevent.spawn(self._watch, self.proc)
@@ -469,7 +568,7 @@ class Tunnel:
         for raw in proc.stderr:
             line = raw.decode("utf-8", "replace").strip()
             if line:
-                self.last_stderr = line
+                self.stderr_tail.append(line)
                 log.warning("%s[%d]: %s", name, proc.pid, line)
         proc.stderr.close()
         proc.wait()
@@ -479,6 +578,7 @@ class Tunnel:
         """The child has exited: log why, and decide what the next start needs."""
         proc, self.proc = self.proc, None
         code, uptime = proc.returncode, now - self.started_at
+        self.last_exit = code
         was_up, self.state, self.deadline = self.state == "up", "down", None
         if self.stop_reason:
             log.info("tunnel stopped (pid %d, %s): %s", proc.pid, self.stop_reason, describe_exit(code))
@@ -490,7 +590,7 @@ class Tunnel:
         elif was_up:
             log.warning("tunnel (pid %d) %s after %.1f s", proc.pid, describe_exit(code), uptime)
         else:
-            reason = self.last_stderr or describe_exit(code)
+            reason = self.stderr_tail[-1] if self.stderr_tail else describe_exit(code)
             self._failed(now, f"tunnel failed: {reason}")
         self._notify()
 
@@ -527,6 +627,20 @@ class Tunnel:
         """Wake every handler waiting on the tunnel."""
         changed, self.changed = self.changed, Event()
         changed.set()
+        self.on_change()
+
+    def describe(self):
+        """The tunnel's state for `minimail status`."""
+        return {
+            "state": self.state,
+            "pid": self.proc.pid if self.proc else None,
+            "since": wall_clock(self.started_at) if self.proc else None,
+            "stops_at": wall_clock(self.deadline),
+            "session": self.session,
+            "failures": self.failures,
+            "retry_at": wall_clock(self.retry_at) if self.retry_at > time.monotonic() else None,
+            "last_error": self.error,
+        }
 
     def close(self):
         """Stop the child for good (minimail is exiting)."""
@@ -613,7 +727,11 @@ class Forwarder(StreamServer):
         super().__init__(listener, spawn=Pool())     # the pool lets stop() drain
         self.tunnel = tunnel
         self.settings = settings
-        self.sessions = 0
+        self.sessions = 0            # clients served since the start
+        self.bytes_from_clients = 0  # of sessions that have ended
+        self.bytes_to_clients = 0
+        self.started_at = time.time()   # wall clock, for status
+        self.on_change = lambda: None
 
     def handle(self, client, address):
         session = Session(format_peer(address))
@@ -623,10 +741,14 @@ class Forwarder(StreamServer):
                 reply(client, "421 4.3.2 minimail: too many clients, try again later")
                 return
             self.sessions += 1
+            self.on_change()
             self.forward(client, session)
         finally:
             client.close()
             session.log()
+            self.bytes_from_clients += session.sent[0]
+            self.bytes_to_clients += session.received[0]
+            self.on_change()
 
     def forward(self, client, session):
         """Bring the tunnel up for this client, then splice the two together."""
@@ -634,7 +756,7 @@ class Forwarder(StreamServer):
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.tunnel.acquire()
         try:
-            upstream = self.connect_tunnel(client)
+            upstream = self.tunnel.connect(self.settings.wait, lambda: client_gone(client))
             try:
                 self.splice_pair(client, upstream, session)
             finally:
@@ -646,51 +768,6 @@ class Forwarder(StreamServer):
             session.outcome = "client left before the tunnel was up"
         finally:
             self.tunnel.release()
-
-    def connect_tunnel(self, client):
-        """Connect to the tunnel's local end, retrying until it accepts.
-
-        Nothing is read from the client meanwhile: its early bytes wait in the
-        kernel.  Gives up when a tunnel start fails, at --wait, or when the
-        client hangs up.
-        """
-        tunnel = self.tunnel
-        deadline = time.monotonic() + self.settings.wait
-        pause = POLL_FIRST
-        while True:
-            changed = tunnel.changed
-            if tunnel.accepting:
-                upstream = self.try_connect()
-                if upstream is not None:
-                    tunnel.mark_up()
-                    return upstream
-            tunnel.check()
-            if client_gone(client):
-                raise ClientGone()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TunnelUnavailable(f"the tunnel was not up within {self.settings.wait:g} s")
-            changed.wait(min(pause, left))
-            pause = min(pause * POLL_GROWTH, POLL_MAX)
-
-    def try_connect(self):
-        """One attempt to connect to the tunnel; None while nobody accepts there."""
-        endpoint = self.tunnel.endpoint
-        if isinstance(endpoint, str):
-            sock, address = gevent.socket.socket(socket.AF_UNIX), endpoint
-        else:
-            sock, address = gevent.socket.socket(socket.AF_INET), ("127.0.0.1", endpoint)
-        try:
-            sock.connect(address)
-        except (ConnectionRefusedError, FileNotFoundError):
-            sock.close()
-            return None
-        except OSError as exc:
-            sock.close()
-            raise TunnelUnavailable(f"cannot connect to the tunnel: {exc.strerror}") from None
-        if sock.family == socket.AF_INET:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
 
     def splice_pair(self, client, upstream, session):
         """Copy both ways until both directions end, one fails, or the client idles."""
@@ -764,7 +841,7 @@ def reply(client, line):
 
 
 # ---------------------------------------------------------------------------
-# Running it
+# Listening, files and privileges
 # ---------------------------------------------------------------------------
 
 def bind(settings):
@@ -787,22 +864,266 @@ def bind(settings):
     return sock
 
 
-def make_tunnel_dir():
+def inherited_listener():
+    """The listening socket systemd passed (socket activation, fd 3), or None."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    count = os.environ.get("LISTEN_FDS", "0")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    if not count.isdigit() or int(count) < 1:
+        return None
+    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise Fatal("the socket systemd passed (fd 3) is not a listening stream socket")
+    sock.setblocking(False)
+    return sock
+
+
+def describe_socket(sock):
+    """Where a listening socket listens, as a user writes it."""
+    address = sock.getsockname()
+    return address if isinstance(address, str) else format_peer(address)
+
+
+def default_paths():
+    """(pid file, log file) of the daemon when --pidfile and --logfile are not given."""
+    if os.geteuid() == 0:
+        return "/run/minimail/minimail.pid", "/var/log/minimail.log"
+    state_home = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    state = os.path.join(state_home, "minimail")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    pid_dir = os.path.join(runtime, "minimail") if runtime else state
+    return os.path.join(pid_dir, "minimail.pid"), os.path.join(state, "minimail.log")
+
+
+def state_path(pidfile):
+    """The state file that `status` reads: next to the pid file."""
+    return os.path.splitext(pidfile)[0] + ".state"
+
+
+def running_pid(pidfile):
+    """The pid in pidfile if a minimail process runs under it; None if the file is
+    missing or stale (the process is gone, a zombie, or another program)."""
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read().split()[0])
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if state != "Z" and b"minimail" in cmdline else None
+
+
+def make_owned_dir(path, owner):
+    """Create path (mode 0755) and give it to the daemon's user, who must be
+    able to replace the state file and remove the pid file after the drop."""
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    if owner is not None:
+        os.chown(path, owner.pw_uid, owner.pw_gid)
+
+
+def write_pidfile(pidfile):
+    with open(pidfile, "w") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def remove_file(path):
+    """Remove a file of ours; say so if that is impossible."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, exc.strerror)
+
+
+def target_user(settings):
+    """The user to become after binding (a pwd entry), or None to stay as we are."""
+    if os.geteuid() != 0:
+        me = pwd.getpwuid(os.geteuid()).pw_name
+        if settings.user not in (None, me):
+            raise Fatal(f"--user {settings.user} needs root; minimail runs as {me}")
+        return None
+    name = settings.user or os.environ.get("SUDO_USER")
+    if not name or (name == "root" and settings.user != "root"):
+        raise Fatal("refusing to run the tunnel as root: name the user to become with "
+                    "--user USER (or say --user root to stay root)")
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        raise UsageError(f"--user: there is no user {name!r}") from None
+
+
+def drop_privileges(user):
+    """Become user for good: supplementary groups, gid, then uid (real,
+    effective and saved); check that root cannot be regained."""
+    if user.pw_uid != 0:
+        os.initgroups(user.pw_name, user.pw_gid)
+        os.setresgid(user.pw_gid, user.pw_gid, user.pw_gid)
+        os.setresuid(user.pw_uid, user.pw_uid, user.pw_uid)
+        try:
+            os.setuid(0)
+        except PermissionError:
+            pass
+        else:
+            raise Fatal("dropping root failed: the process could become root again")
+    os.environ.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
+    log.info("running as %s (uid %d)", user.pw_name, user.pw_uid)
+
+
+def preload():
+    """Import now what gevent and minimail would import lazily later: after the
+    drop, the interpreter's own directory may be closed to the new user."""
+    hub = gevent.get_hub()
+    hub.threadpool.spawn(int).get()
+    hub.resolver
+    importlib.import_module("gevent.fileobject")     # ssh's stderr pipe
+    "localhost".encode("idna")
+    json.dumps(signal.Signals.SIGTERM.name)
+
+
+def raise_open_files_limit():
+    """Raise the soft limit of open files to the hard one, for many clients."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = OPEN_FILES_CAP
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    log.debug("open files limit: %d", soft)
+
+
+def make_tunnel_dir(base=None):
     """A private directory (mode 0700) for the tunnel's Unix socket."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
+    base = base or os.environ.get("XDG_RUNTIME_DIR")
     if not base or not os.access(base, os.W_OK):
         base = None
     return tempfile.mkdtemp(prefix="minimail-", dir=base)
 
 
-def setup_logging(verbose):
-    """Log to stderr, without timestamps (the journal or the terminal adds context)."""
+# ---------------------------------------------------------------------------
+# Logging, readiness and state
+# ---------------------------------------------------------------------------
+
+class LogFile(logging.FileHandler):
+    """The daemon's log file, reopened on SIGHUP after logrotate has moved it."""
+
+    def reopen(self):
+        try:
+            stream = open(self.baseFilename, "a", encoding="utf-8")
+        except OSError as exc:
+            log.warning("cannot reopen %s: %s; still writing to the old file",
+                        self.baseFilename, exc.strerror)
+            return
+        old = self.setStream(stream)
+        if old:
+            old.close()
+        log.info("log file reopened")
+
+
+def log_to_stderr(verbose):
+    """Log to stderr without timestamps: the journal or the terminal adds its own."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    install_log_handler(handler, verbose)
+
+
+def log_to_file(path, verbose, owner):
+    """Log to a file with timestamps; create it now, while we may, for owner."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    handler = LogFile(path, encoding="utf-8")
+    os.chmod(path, 0o640)
+    if owner is not None:
+        os.chown(path, owner.pw_uid, owner.pw_gid)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s minimail[%(process)d] %(levelname)s %(message)s"))
+    install_log_handler(handler, verbose)
+    return handler
+
+
+def install_log_handler(handler, verbose):
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
 
+
+class Readiness:
+    """Tells whoever waits for the daemon that it listens (or why it cannot):
+    the `minimail start` process through a pipe, systemd through NOTIFY_SOCKET."""
+
+    def __init__(self, pipe=None):
+        self.pipe = pipe
+        self.notify = None
+        address = os.environ.pop("NOTIFY_SOCKET", None)
+        if address:          # connect now: its directory may be closed to us after the drop
+            self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.notify.connect("\0" + address[1:] if address.startswith("@") else address)
+
+    def ready(self, where):
+        self._tell_parent(f"ok {os.getpid()} {where}")
+        self._tell_systemd(f"READY=1\nSTATUS=listening on {where}")
+
+    def failed(self, reason):
+        self._tell_parent(f"error {reason}")
+
+    def stopping(self):
+        self._tell_systemd("STOPPING=1")
+
+    def _tell_parent(self, message):
+        if self.pipe is not None:
+            os.write(self.pipe, message.encode())
+            os.close(self.pipe)
+            self.pipe = None
+
+    def _tell_systemd(self, message):
+        if self.notify is not None:
+            try:
+                self.notify.send(message.encode())
+            except OSError as exc:
+                log.warning("cannot notify systemd: %s", exc.strerror)
+
+
+class StateFile:
+    """The daemon's figures for `minimail status`, replaced atomically soon after
+    each change (changes within STATE_DELAY are written once)."""
+
+    def __init__(self, path, describe):
+        self.path = path
+        self.describe = describe
+        self.pending = None
+        self.failed = False
+
+    def changed(self):
+        if self.pending is None:
+            self.pending = gevent.spawn_later(STATE_DELAY, self.write)
+
+    def write(self):
+        self.pending = None
+        temporary = f"{self.path}.tmp"
+        try:
+            with open(temporary, "w") as f:
+                json.dump(self.describe(), f, indent=1)
+            os.replace(temporary, self.path)
+        except OSError as exc:
+            if not self.failed:
+                log.warning("cannot write the state file %s: %s", self.path, exc.strerror)
+            self.failed = True
+
+    def remove(self):
+        if self.pending is not None:
+            self.pending.kill()
+        remove_file(self.path)
+
+
+# ---------------------------------------------------------------------------
+# Running the daemon
+# ---------------------------------------------------------------------------
 
 def describe_tunnel(settings):
     """How the tunnel is made, for the start-up line."""
@@ -811,22 +1132,108 @@ def describe_tunnel(settings):
     return f"ssh {settings.destination} to {settings.remote}"
 
 
-def run(settings, listener):
-    """Serve clients until a signal stops minimail; return the exit status."""
-    tunnel_dir = None if settings.tunnel_port else make_tunnel_dir()
-    endpoint = settings.tunnel_port or os.path.join(tunnel_dir, "tunnel.sock")
+def start(settings, foreground):
+    """Start minimail, in the foreground or as a daemon; return the exit status."""
+    user = target_user(settings)
+    default_pidfile, default_logfile = default_paths()
+    pidfile = settings.pidfile or (None if foreground else default_pidfile)
+    if pidfile:
+        pid = running_pid(pidfile)
+        if pid:
+            raise Fatal(f"already running (pid {pid}, pid file {pidfile})")
+    listener = inherited_listener() or bind(settings)
+    if pidfile:
+        make_owned_dir(os.path.dirname(pidfile), user)
+    if foreground:
+        log_to_stderr(settings.verbose)
+        return run(settings, listener, user, pidfile, Readiness())
+    logfile = settings.logfile or default_logfile
+    handler = log_to_file(logfile, settings.verbose, user)
+    in_daemon, result = detach(keep={listener.fileno(), handler.stream.fileno()})
+    if not in_daemon:
+        return report_start(result, logfile)
+    return run(settings, listener, user, pidfile, Readiness(result), handler)
+
+
+def detach(keep):
+    """Fork into the background, before gevent's hub or any thread exists.
+
+    In the original process return (False, the daemon's word on a pipe); in the
+    daemon, a new session with stdin/stdout/stderr on /dev/null, working
+    directory / and no other inherited descriptors, return (True, the pipe).
+    """
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child:
+        os.close(write_end)
+        os.waitpid(child, 0)
+        with os.fdopen(read_end, "rb") as pipe:
+            return False, pipe.read().decode(errors="replace")
+    os.close(read_end)
+    os.setsid()
+    if os.fork():
+        os._exit(0)                   # the daemon is no session leader: no terminal
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    keep = sorted(keep | {0, 1, 2, write_end})
+    for low, high in zip(keep, keep[1:] + [resource.getrlimit(resource.RLIMIT_NOFILE)[0]]):
+        os.closerange(low + 1, high)
+    return True, write_end
+
+
+def report_start(word, logfile):
+    """In the `start` process: say how the daemon's start went; the exit status."""
+    status, _, rest = word.partition(" ")
+    if status == "ok":
+        pid, _, where = rest.partition(" ")
+        print(f"minimail started (pid {pid}), listening on {where}; log: {logfile}")
+        return 0
+    reason = rest if status == "error" else f"the daemon ended before it was ready; see {logfile}"
+    print(f"minimail: {reason}", file=sys.stderr)
+    return 1
+
+
+def run(settings, listener, user, pidfile, readiness, logfile=None):
+    """Serve until a signal stops minimail; return the exit status."""
+    where = describe_socket(listener)
+    tunnel_dir = None
     try:
+        raise_open_files_limit()
+        preload()
+        stopping = Event()
+        if user is not None:
+            drop_privileges(user)
+        if pidfile:
+            write_pidfile(pidfile)
+        tunnel_dir = None if settings.tunnel_port else make_tunnel_dir(
+            os.path.dirname(pidfile) if pidfile else None)
+        endpoint = settings.tunnel_port or os.path.join(tunnel_dir, "tunnel.sock")
         tunnel = Tunnel(settings, endpoint)
         server = Forwarder(listener, tunnel, settings)
-        stopping = Event()
+        state = StateFile(state_path(pidfile), lambda: describe_daemon(server, settings)) if pidfile else None
         for signum in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(signum, on_signal, server, stopping)
+        if logfile is not None:
+            gevent.signal_handler(signal.SIGHUP, logfile.reopen)
         supervisor = gevent.spawn(tunnel.run)
         supervisor.link_exception(lambda _: stopping.set())
         server.start()
-        log.info("listening on %s; tunnel: %s", settings.describe_listen(),
-                 describe_tunnel(settings))
+    except (Fatal, OSError) as exc:
+        reason = exc if isinstance(exc, Fatal) else f"cannot start: {exc}"
+        log.error("%s", reason)
+        readiness.failed(str(reason))
+        cleanup(pidfile, tunnel_dir)
+        return 1
+    if state:
+        tunnel.on_change = server.on_change = state.changed
+        state.write()
+    log.info("listening on %s; tunnel: %s", where, describe_tunnel(settings))
+    readiness.ready(where)
+    try:
         stopping.wait()
+        readiness.stopping()
         if supervisor.dead:
             log.error("the tunnel supervisor failed: %r", supervisor.exception)
         drain(server, settings.drain)
@@ -835,8 +1242,33 @@ def run(settings, listener):
         log.info("stopped after %d session(s)", server.sessions)
         return 1 if supervisor.exception else 0
     finally:
-        if tunnel_dir:
-            shutil.rmtree(tunnel_dir, ignore_errors=True)
+        if state:
+            state.remove()
+        cleanup(pidfile, tunnel_dir)
+
+
+def cleanup(pidfile, tunnel_dir):
+    """Remove what the daemon made: its pid file and the tunnel's directory."""
+    if pidfile:
+        remove_file(pidfile)
+    if tunnel_dir:
+        shutil.rmtree(tunnel_dir, ignore_errors=True)
+
+
+def describe_daemon(server, settings):
+    """The daemon's figures for the state file."""
+    return {
+        "pid": os.getpid(),
+        "started": server.started_at,
+        "listening": describe_socket(server.socket),
+        "tunnel_to": describe_tunnel(settings),
+        "clients_active": server.tunnel.active,
+        "sessions": server.sessions,
+        "bytes_from_clients": server.bytes_from_clients,
+        "bytes_to_clients": server.bytes_to_clients,
+        "tunnel": server.tunnel.describe(),
+        "updated": time.time(),
+    }
 
 
 def on_signal(server, stopping):
@@ -857,6 +1289,229 @@ def drain(server, seconds):
     server.stop(timeout=seconds)
 
 
+# ---------------------------------------------------------------------------
+# stop, status
+# ---------------------------------------------------------------------------
+
+def stop(pidfile):
+    """Stop the daemon and wait until it is gone; the exit status."""
+    pid = running_pid(pidfile)
+    if pid is None:
+        stale = os.path.exists(pidfile)
+        print(f"minimail is not running{' (stale pid file ignored)' if stale else ''}")
+        return 1
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except PermissionError:
+        raise Fatal(f"not allowed to stop minimail (pid {pid}): try sudo minimail stop") from None
+    deadline = time.monotonic() + STOP_WAIT
+    while running_pid(pidfile) == pid:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            print(f"minimail (pid {pid}) did not stop within {STOP_WAIT:g} s: killed")
+            remove_file(pidfile)
+            return 1
+        time.sleep(0.05)
+    print(f"minimail stopped (pid {pid})")
+    return 0
+
+
+def status(pidfile, as_json):
+    """Say whether the daemon runs and what it is doing: exit 0 if it runs, 3 if not."""
+    pid = running_pid(pidfile)
+    state = {}
+    if pid:
+        try:
+            with open(state_path(pidfile)) as f:
+                state = json.load(f)
+        except (OSError, ValueError):
+            pass
+    if as_json:
+        print(json.dumps({"running": bool(pid), "pid": pid, **state}, indent=1))
+    elif pid is None:
+        print("minimail is not running")
+    else:
+        print("\n".join(describe_status(pid, state)))
+    return 0 if pid else 3
+
+
+def describe_status(pid, state):
+    """The lines `minimail status` prints for a running daemon."""
+    now = time.time()
+    lines = [f"minimail is running (pid {pid})"]
+    if not state:
+        return lines + ["(no state file: is it an older minimail, or started with --foreground?)"]
+    lines[0] += f", up {format_duration(now - state['started'])}, listening on {state['listening']}"
+    tunnel = state["tunnel"]
+    line = f"tunnel: {tunnel['state']}"
+    if tunnel["pid"]:
+        line += f" (pid {tunnel['pid']}, for {format_duration(now - tunnel['since'])})"
+    if tunnel["stops_at"]:
+        line += f", stops in {max(0, tunnel['stops_at'] - now):.0f} s unless a client comes"
+    if tunnel["retry_at"]:
+        line += f", next try in {max(0, tunnel['retry_at'] - now):.0f} s"
+    lines.append(f"{line}; {state['tunnel_to']}")
+    lines.append(f"clients: {state['clients_active']} active, {state['sessions']} session(s) served; "
+                 f"{state['bytes_from_clients']} bytes from clients, "
+                 f"{state['bytes_to_clients']} to clients")
+    lines.append(f"last tunnel error: {tunnel['last_error'] or 'none'}")
+    return lines
+
+
+def format_duration(seconds):
+    """'42 s', '7 min 3 s', '3 h 12 min', '2 d 4 h'."""
+    seconds = int(max(0, seconds))
+    for unit, size, smaller, small_size in (("d", 86400, "h", 3600), ("h", 3600, "min", 60),
+                                            ("min", 60, "s", 1)):
+        if seconds >= size:
+            return f"{seconds // size} {unit} {seconds % size // small_size} {smaller}"
+    return f"{seconds} s"
+
+
+# ---------------------------------------------------------------------------
+# check
+# ---------------------------------------------------------------------------
+
+#: How to read ssh's complaints: (pattern, the step that failed, the likely fix).
+SSH_TROUBLES = (
+    (r"Could not resolve hostname", "reach",
+     "check the host name in DESTINATION (or HostName in your ssh config)"),
+    (r"REMOTE HOST IDENTIFICATION HAS CHANGED", "host key",
+     "the hoster's host key changed: if that is expected, remove the old one with "
+     "ssh-keygen -R HOST, then accept the new one once"),
+    (r"Host key verification failed|host key is known|No \S+ host key", "host key",
+     "the hoster's host key is not known: accept it once with `ssh DESTINATION true` as the "
+     "user minimail runs as, or ssh-keyscan -p PORT HOST >> ~/.ssh/known_hosts (compare the "
+     "fingerprint with your hoster's)"),
+    (r"Permission denied|Too many authentication failures", "log in",
+     "the hoster did not accept the key: install it with ssh-copy-id -i KEY.pub DESTINATION and "
+     "point IdentityFile (or --ssh \"ssh -i KEY\") at it; a key with a passphrase needs an agent"),
+    (r"forwarding|cannot listen|bind", "forward",
+     "ssh could not open the forward: check that the hoster allows port forwarding "
+     "(AllowTcpForwarding, permitopen= in authorized_keys)"),
+    (r"Connection refused|timed out|No route to host|unreachable|Connection closed|"
+     r"Connection reset|kex_exchange_identification", "reach",
+     "check that the host is reachable and that the port is right (Port in your ssh config, "
+     "or --ssh \"ssh -p PORT\")"),
+)
+#: The steps `check` reports, in order: (key, what passing means, what failing means).
+CHECK_STEPS = (
+    ("reach", "ssh reached the hoster", "ssh did not reach the hoster"),
+    ("host key", "the hoster's host key is known", "the hoster's host key was not accepted"),
+    ("log in", "ssh logged in without a prompt", "ssh could not log in without a prompt"),
+    ("forward", "the forward opened", "the forward did not open"),
+)
+
+
+def check_step(ok, text, fix=None):
+    print(f"  {'ok  ' if ok else 'FAIL'}  {text}")
+    if fix:
+        print(f"        fix: {fix}")
+    return ok
+
+
+def check(settings):
+    """Try the tunnel once, as the daemon would, and say in plain words what works."""
+    print(f"minimail check: ssh {settings.destination}, then {settings.remote} from there")
+    program = shutil.which(settings.ssh[0])
+    if not program:
+        check_step(False, f"ssh found: {settings.ssh[0]} is not on PATH",
+                   "install openssh-client, or point --ssh at ssh")
+        return 1
+    check_step(True, f"ssh found: {program} ({ssh_version(program)})")
+    tunnel_dir = make_tunnel_dir()
+    tunnel = Tunnel(settings, os.path.join(tunnel_dir, "tunnel.sock"))
+    supervisor = gevent.spawn(tunnel.run)
+    tunnel.acquire()
+    try:
+        started = time.monotonic()
+        try:
+            upstream = tunnel.connect(settings.wait)
+        except TunnelUnavailable as exc:
+            return explain_tunnel_failure(tunnel, exc)
+        for _, passed, _ in CHECK_STEPS:
+            check_step(True, passed)
+        print(f"        (the tunnel was up after {time.monotonic() - started:.2f} s)")
+        if not tunnel.session:
+            print("        note: the hoster ends sessions at once; minimail uses ssh -N there")
+        with closing(upstream):
+            greeted = check_greeting(upstream, settings)
+        if not greeted:
+            gevent.sleep(0.1)            # let ssh's complaint about the channel arrive
+            show_ssh_said(tunnel)
+    finally:
+        tunnel.release()
+        supervisor.kill()
+        tunnel.close()
+        shutil.rmtree(tunnel_dir, ignore_errors=True)
+    closed = tunnel.proc is None
+    check_step(closed, f"tunnel closed (ssh {describe_exit(tunnel.last_exit)})")
+    if greeted and closed:
+        print(f"all good: minimail can send mail through {settings.destination}")
+        return 0
+    return 1
+
+
+def ssh_version(program):
+    """What `ssh -V` says of itself."""
+    try:
+        result = subprocess.run([program, "-V"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "version unknown"
+    return (result.stderr or result.stdout).decode(errors="replace").strip()
+
+
+def explain_tunnel_failure(tunnel, exc):
+    """Report which step failed, from ssh's own words; the exit status (1)."""
+    said = "\n".join(tunnel.stderr_tail)
+    failed_step, fix = "reach", "run ssh DESTINATION by hand to see what it wants"
+    for pattern, step, advice in SSH_TROUBLES:
+        if re.search(pattern, said):
+            failed_step, fix = step, advice
+            break
+    for step, passed, failed in CHECK_STEPS:
+        if step == failed_step:
+            check_step(False, failed if said else f"{failed}: {exc}", fix)
+            break
+        check_step(True, passed)
+    show_ssh_said(tunnel)
+    return 1
+
+
+def show_ssh_said(tunnel):
+    for line in tunnel.stderr_tail:
+        print(f"        ssh said: {line}")
+
+
+def check_greeting(upstream, settings):
+    """Read the far side's first line: an SMTP server says 220."""
+    line = b""
+    with gevent.Timeout(GREETING_WAIT, False):
+        while not line.endswith(b"\n") and len(line) < 512:
+            chunk = upstream.recv(512)
+            if not chunk:
+                break
+            line += chunk
+    text = line.decode("ascii", "replace").strip()
+    if text.startswith("220"):
+        check_step(True, f"the far side answered: {text[:200]}")
+        try:
+            upstream.sendall(b"QUIT\r\n")
+        except OSError:
+            pass
+        return True
+    if not line:
+        return check_step(False, f"the far side said nothing at {settings.remote}",
+                          f"nothing answers at {settings.remote} as seen from {settings.destination}: "
+                          f"check --remote (e.g. localhost:25 or localhost:587)")
+    return check_step(False, f"the far side does not speak SMTP: it said {text[:80]!r}",
+                      f"check --remote: {settings.remote} is not an SMTP server")
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
 def docopt_usage():
     """The usage lines of the docstring."""
     return __doc__[__doc__.index("Usage:"):__doc__.index("Options:")].rstrip()
@@ -864,26 +1519,45 @@ def docopt_usage():
 
 def main(argv=None):
     """Run minimail; return its exit status."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
         args = docopt(__doc__, argv, version=f"minimail {__version__}")
     except DocoptExit as exc:
         complaint = str(exc).partition("\n")[0]
-        argv = sys.argv[1:] if argv is None else argv
         print(f"minimail: {explain_usage_error(argv, complaint)}", file=sys.stderr)
         print(docopt_usage(), "Try 'minimail --help'.", sep="\n", file=sys.stderr)
         return 2
     try:
-        settings = Settings(args)
+        return dispatch(args)
     except UsageError as exc:
         print(f"minimail: {exc}\nTry 'minimail --help'.", file=sys.stderr)
         return 2
-    setup_logging(settings.verbose)
-    try:
-        listener = bind(settings)
     except Fatal as exc:
         print(f"minimail: {exc}", file=sys.stderr)
         return 1
-    return run(settings, listener)
+
+
+def dispatch(args):
+    """Run the command that args name."""
+    pidfile = args["--pidfile"] or default_paths()[0]
+    if args["stop"]:
+        return stop(pidfile)
+    if args["status"]:
+        return status(pidfile, args["--json"])
+    settings = Settings(args)
+    if args["check"] and not settings.destination:
+        raise UsageError("check tries ssh: it needs DESTINATION, not --tunnel-command")
+    if args["check"]:
+        logging.disable(logging.NOTSET if settings.verbose else logging.CRITICAL)
+        log_to_stderr(settings.verbose)
+        user = target_user(settings)
+        if user is not None:              # ssh runs as the daemon's would: that user's keys
+            preload()
+            drop_privileges(user)
+        return check(settings)
+    if args["restart"] and running_pid(pidfile):
+        stop(pidfile)
+    return start(settings, foreground=args["--foreground"])
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ log, the processes.  All traffic stays on loopback; every wait is bounded.
 """
 
 import hashlib
+import json
 import os
 import pwd
 import re
@@ -19,6 +20,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -33,6 +35,8 @@ MINIMAIL = HERE / "minimail.py"
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 SWAKS = shutil.which("swaks")
 IN_CI = bool(os.environ.get("CI"))
+#: As root, minimail runs its tunnel as root only when told so.
+AS_ROOT = ["--user", "root"] if os.geteuid() == 0 else []
 
 
 def need(tool, path):
@@ -174,7 +178,7 @@ class Minimail:
         self.port = free_port()
         self.log_path = log_path
         self.argv = [sys.executable, str(MINIMAIL), "--foreground",
-                     "--listen", f"127.0.0.1:{self.port}", *args]
+                     "--listen", f"127.0.0.1:{self.port}", *AS_ROOT, *args]
         with open(log_path, "wb") as log_file:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=log_file)
@@ -569,7 +573,8 @@ def test_a_busy_listen_port_exits_1_with_one_line():
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         result = subprocess.run([sys.executable, MINIMAIL, "--foreground", "--listen",
-                                 f"127.0.0.1:{port}", "me@host"], capture_output=True, timeout=20)
+                                 f"127.0.0.1:{port}", *AS_ROOT, "me@host"],
+                                capture_output=True, timeout=20)
     assert result.returncode == 1
     assert result.stderr.decode().splitlines() == [
         f"minimail: cannot listen on 127.0.0.1:{port}: address already in use"]
@@ -592,6 +597,315 @@ def test_sigterm_stops_minimail_and_its_tunnel(through_ssh, hoster):
     assert mm.stop() == 0
     assert mm.tunnels() == []
     assert re.search(r"tunnel stopped \(pid \d+, minimail is stopping\)", mm.log())
+
+
+# ---------------------------------------------------------------------------
+# The daemon: start, status, stop; privileges; systemd; check
+# ---------------------------------------------------------------------------
+
+def minimail_command(*args, env=None, timeout=60):
+    """Run `python minimail.py ARGS...` to its end, as a user at a shell would."""
+    return subprocess.run([sys.executable, MINIMAIL, *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture
+def run_dir():
+    """A directory for pid, state and log files that any user may enter (tmp_path's
+    parents are closed to the users a test drops to)."""
+    path = Path(tempfile.mkdtemp(prefix="minimail-test-"))
+    path.chmod(0o755)
+    yield path
+    pid_file = path / "minimail.pid"
+    if pid_file.exists():                     # a test failed with its daemon running
+        minimail_command("stop", "--pidfile", pid_file)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def read_status(pidfile):
+    result = minimail_command("status", "--json", "--pidfile", pidfile)
+    return result.returncode, json.loads(result.stdout)
+
+
+def test_start_status_mail_stop_as_a_daemon(sshd, hoster, run_dir):
+    pidfile, logfile = run_dir / "minimail.pid", run_dir / "minimail.log"
+    port = free_port()
+    started = minimail_command(
+        "start", *AS_ROOT, "--listen", f"127.0.0.1:{port}", "--pidfile", pidfile, "--logfile", logfile,
+        "--ssh", sshd.ssh, "--remote", f"127.0.0.1:{hoster.port}", "--linger", 30, "hoster")
+    assert started.returncode == 0, started.stderr
+    pid = int(pidfile.read_text())
+    assert started.stdout == f"minimail started (pid {pid}), listening on 127.0.0.1:{port}; log: {logfile}\n"
+
+    code, state = read_status(pidfile)              # start returned: it listens already
+    assert code == 0 and state["running"] and state["pid"] == pid
+    assert state["tunnel"]["state"] == "down" and state["sessions"] == 0
+
+    send_mail(port, make_message("daemon"))
+    assert hoster.bodies() == [make_message("daemon")]
+    wait_until(lambda: read_status(pidfile)[1]["bytes_to_clients"] > 0, 5, "the state file")
+    code, state = read_status(pidfile)
+    assert state["tunnel"]["state"] == "up" and state["sessions"] == 1
+    assert [p for p, name, _ in child_processes(pid)] == [state["tunnel"]["pid"]]
+    text = minimail_command("status", "--pidfile", pidfile)
+    assert text.returncode == 0
+    assert re.search(rf"minimail is running \(pid {pid}\), up \d+ s, listening on 127.0.0.1:{port}",
+                     text.stdout)
+    assert re.search(r"tunnel: up \(pid \d+, for \d+ s\), stops in \d+ s unless a client comes",
+                     text.stdout)
+    assert "clients: 0 active, 1 session(s) served" in text.stdout
+
+    stopped = minimail_command("stop", "--pidfile", pidfile)
+    assert (stopped.returncode, stopped.stdout) == (0, f"minimail stopped (pid {pid})\n")
+    assert not pidfile.exists() and not (run_dir / "minimail.state").exists()
+    assert not alive(pid)
+    after = minimail_command("status", "--pidfile", pidfile)
+    assert (after.returncode, after.stdout) == (3, "minimail is not running\n")
+    log = logfile.read_text()
+    assert re.search(rf"^\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ minimail\[{pid}\] INFO listening on", log, re.M)
+    assert re.search(r"tunnel stopped \(pid \d+, minimail is stopping\)", log)
+
+
+def test_a_stale_pid_file_is_not_trusted(run_dir, tunnel_script):
+    pidfile = run_dir / "minimail.pid"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    pidfile.write_text(f"{gone.pid}\n")                 # that process is gone
+    assert minimail_command("status", "--pidfile", pidfile).returncode == 3
+    assert minimail_command("stop", "--pidfile", pidfile).returncode == 1
+    with subprocess.Popen(["sleep", "60"]) as other:      # a pid reused by another program
+        try:
+            pidfile.write_text(f"{other.pid}\n")
+            assert minimail_command("status", "--pidfile", pidfile).returncode == 3
+            port = free_port()
+            started = minimail_command("start", *AS_ROOT, "--listen", f"127.0.0.1:{port}",
+                                       "--pidfile", pidfile, "--logfile", run_dir / "log",
+                                       *tunnel_script("echo", 0, "{port}"))
+            assert started.returncode == 0, started.stderr
+            assert int(pidfile.read_text()) != other.pid
+            assert other.poll() is None               # and that program was left alone
+        finally:
+            other.kill()
+    assert minimail_command("stop", "--pidfile", pidfile).returncode == 0
+
+
+def test_stop_with_no_daemon_says_so(run_dir):
+    result = minimail_command("stop", "--pidfile", run_dir / "minimail.pid")
+    assert (result.returncode, result.stdout) == (1, "minimail is not running\n")
+
+
+def test_restart_replaces_the_daemon(run_dir, tunnel_script):
+    pidfile, port = run_dir / "minimail.pid", free_port()
+    args = [*AS_ROOT, "--listen", f"127.0.0.1:{port}", "--pidfile", pidfile,
+            "--logfile", run_dir / "log", *tunnel_script("echo", 0, "{port}")]
+    assert minimail_command("start", *args).returncode == 0
+    first = int(pidfile.read_text())
+    again = minimail_command("start", *args)
+    assert again.returncode == 1 and f"already running (pid {first}" in again.stderr
+    assert minimail_command("restart", *args).returncode == 0
+    second = int(pidfile.read_text())
+    assert second != first and not alive(first)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(b"ping")
+        client.shutdown(socket.SHUT_WR)
+        assert read_until_eof(client) == b"ping"
+    assert minimail_command("stop", "--pidfile", pidfile).returncode == 0
+
+
+def test_sighup_reopens_the_log_file(run_dir, tunnel_script):
+    pidfile, logfile, port = run_dir / "minimail.pid", run_dir / "minimail.log", free_port()
+    assert minimail_command("start", *AS_ROOT, "--listen", f"127.0.0.1:{port}", "--pidfile", pidfile,
+                            "--logfile", logfile, *tunnel_script("echo", 0, "{port}")).returncode == 0
+    logfile.rename(run_dir / "minimail.log.1")             # what logrotate does
+    os.kill(int(pidfile.read_text()), signal.SIGHUP)
+    wait_until(logfile.exists, 5, "a new log file")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.shutdown(socket.SHUT_WR)
+        read_until_eof(client)
+    wait_until(lambda: "client 127.0.0.1" in logfile.read_text(), 5, "the client in the new log")
+    assert "log file reopened" in logfile.read_text()
+    assert "client 127.0.0.1" not in (run_dir / "minimail.log.1").read_text()
+    assert minimail_command("stop", "--pidfile", pidfile).returncode == 0
+
+
+@pytest.fixture
+def tunnel_script(tmp_path):
+    """The stand-in tunnel's options: --tunnel-port PORT --tunnel-command "python double.py ..."."""
+    script = tmp_path / "tunnel_double.py"
+    script.write_text(TUNNEL_DOUBLE)
+    script.chmod(0o644)
+
+    def options(*command):
+        port = free_port()
+        words = [sys.executable, script, *[str(w).format(port=port) for w in command]]
+        return ["--tunnel-port", port, "--tunnel-command", " ".join(map(str, words))]
+    return options
+
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+
+
+@root_only
+def test_started_as_root_it_becomes_the_user_for_good(run_dir):
+    nobody = pwd.getpwnam("nobody")
+    pidfile, port, tunnel_port = run_dir / "minimail.pid", free_port(), free_port()
+    socat = shutil.which("socat")
+    need("socat", socat)
+    started = minimail_command(
+        "start", "--user", "nobody", "--listen", f"127.0.0.1:{port}", "--pidfile", pidfile,
+        "--logfile", run_dir / "minimail.log", "--tunnel-port", tunnel_port, "--tunnel-command",
+        f"{socat} TCP-LISTEN:{tunnel_port},bind=127.0.0.1,reuseaddr,fork SYSTEM:'echo 220 ok'")
+    assert started.returncode == 0, started.stderr
+    pid = int(pidfile.read_text())
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        assert client.recv(100) == b"220 ok\n"
+        (tunnel_pid, _, _), = child_processes(pid)
+    status = proc_status(pid)
+    ids = f"{nobody.pw_uid}\t{nobody.pw_uid}\t{nobody.pw_uid}\t{nobody.pw_uid}"
+    assert status["Uid"] == ids
+    assert status["Gid"] == ids.replace(str(nobody.pw_uid), str(nobody.pw_gid))
+    assert status["Groups"].split() == [str(g) for g in os.getgrouplist("nobody", nobody.pw_gid)]
+    assert status["CapEff"] == status["CapPrm"] == "0000000000000000"   # setuid(0) must fail
+    assert proc_status(tunnel_pid)["Uid"] == ids                        # so does the tunnel
+    assert (run_dir / "minimail.log").stat().st_uid == nobody.pw_uid   # writable after the drop
+    assert minimail_command("stop", "--pidfile", pidfile).returncode == 0
+    assert not pidfile.exists()
+
+
+def alive(pid):
+    """True while pid runs: a zombie (exited, not yet reaped by init) does not."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def proc_status(pid):
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+@root_only
+@pytest.mark.parametrize("sudo_user", [None, "root"])
+def test_as_root_with_no_user_to_become_it_refuses(sudo_user):
+    env = {k: v for k, v in os.environ.items() if k != "SUDO_USER"}
+    if sudo_user:
+        env["SUDO_USER"] = sudo_user
+    result = minimail_command("--foreground", "--listen", f"127.0.0.1:{free_port()}", "me@host",
+                              env=env)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "minimail: refusing to run the tunnel as root: name the user to become with "
+        "--user USER (or say --user root to stay root)"]
+
+
+def test_a_port_that_needs_root_names_the_ways_out(monkeypatch):
+    def refuse(sock, address):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(socket.socket, "bind", refuse)
+    settings = minimail.Settings(minimail.docopt(minimail.__doc__, ["--foreground", "me@host"]))
+    with pytest.raises(minimail.Fatal) as refused:
+        minimail.bind(settings)
+    assert str(refused.value) == (
+        "cannot listen on 127.0.0.1:25: permission denied (ports below 1024 need root, e.g. "
+        "sudo minimail ..., or CAP_NET_BIND_SERVICE as in minimail.service; or use "
+        "--listen 127.0.0.1:2525)")
+
+
+def test_socket_activation_and_readiness_for_systemd(sshd, hoster, tmp_path):
+    activate = shutil.which("systemd-socket-activate")
+    need("systemd-socket-activate", activate)
+    notify_path = str(tmp_path / "notify")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.settimeout(20)
+    port = free_port()
+    with open(tmp_path / "minimail.log", "wb") as log:
+        proc = subprocess.Popen(
+            [activate, "-l", f"127.0.0.1:{port}", "-E", f"NOTIFY_SOCKET={notify_path}",
+             sys.executable, MINIMAIL, "--foreground", *AS_ROOT, "--listen", "127.0.0.1:1",
+             "--ssh", sshd.ssh, "--remote", f"127.0.0.1:{hoster.port}", "hoster"],
+            stdout=log, stderr=log)
+    try:
+        wait_until(lambda: b"Listening on" in (tmp_path / "minimail.log").read_bytes(), 10,
+                   "systemd-socket-activate to listen")
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:   # minimail starts on demand
+            assert notify.recv(4096) == f"READY=1\nSTATUS=listening on 127.0.0.1:{port}".encode()
+            smtp.sendmail("cron@desktop.example", ["admin@hoster.example"], make_message("activated"))
+            (ssh_pid, _, _), = child_processes(proc.pid)
+            environment = Path(f"/proc/{ssh_pid}/environ").read_bytes().split(b"\0")
+        assert hoster.bodies() == [make_message("activated")]
+        assert not any(v.startswith((b"LISTEN_", b"NOTIFY_SOCKET")) for v in environment)
+        proc.send_signal(signal.SIGTERM)
+        assert notify.recv(4096) == b"STOPPING=1"
+        assert proc.wait(timeout=15) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        notify.close()
+
+
+@pytest.fixture
+def check_setup(sshd, hoster, tmp_path):
+    """`minimail check` against the test sshd, with one thing changed."""
+    def check(*args, ssh=None, remote=None):
+        return minimail_command("check", *AS_ROOT, "--ssh", ssh or sshd.ssh,
+                                "--remote", remote or f"127.0.0.1:{hoster.port}", *args, "hoster")
+    return check
+
+
+def test_check_passes_when_all_is_well(check_setup):
+    result = check_setup()
+    assert result.returncode == 0, result.stdout
+    assert re.search(r"ok    ssh found: \S*ssh \(OpenSSH", result.stdout)
+    for step in ("ssh reached the hoster", "the hoster's host key is known",
+                 "ssh logged in without a prompt", "the forward opened",
+                 "the far side answered: 220 ", "tunnel closed (ssh exited with code 0)"):
+        assert f"ok    {step}" in result.stdout
+    assert result.stdout.endswith("all good: minimail can send mail through hoster\n")
+
+
+def test_check_names_a_wrong_port(check_setup):
+    result = check_setup("-o", f"Port={free_port()}")
+    assert result.returncode == 1
+    assert "FAIL  ssh did not reach the hoster" in result.stdout
+    assert "fix: check that the host is reachable and that the port is right" in result.stdout
+    assert "Connection refused" in result.stdout
+
+
+def test_check_names_an_unknown_host_key(check_setup):
+    result = check_setup("-o", "UserKnownHostsFile=/dev/null")
+    assert result.returncode == 1
+    assert "ok    ssh reached the hoster" in result.stdout
+    assert "FAIL  the hoster's host key was not accepted" in result.stdout
+    assert "ssh-keyscan" in result.stdout and "Host key verification failed" in result.stdout
+
+
+def test_check_names_a_rejected_key(check_setup, sshd, tmp_path):
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "stranger")],
+                   check=True, timeout=30)
+    config = tmp_path / "ssh_config"
+    config.write_text(sshd.config.read_text().replace(f"{sshd.root}/client_key", f"{tmp_path}/stranger"))
+    result = check_setup(ssh=f"ssh -F {config}")
+    assert result.returncode == 1
+    assert "ok    the hoster's host key is known" in result.stdout
+    assert "FAIL  ssh could not log in without a prompt" in result.stdout
+    assert "ssh-copy-id" in result.stdout and "Permission denied (publickey)" in result.stdout
+
+
+def test_check_names_a_far_side_that_is_not_smtp(check_setup, sshd):
+    result = check_setup(remote=f"127.0.0.1:{sshd.port}")      # sshd answers, but not in SMTP
+    assert result.returncode == 1
+    assert "ok    the forward opened" in result.stdout
+    assert "FAIL  the far side does not speak SMTP: it said 'SSH-2.0-OpenSSH" in result.stdout
+    assert "fix: check --remote" in result.stdout
+
+
+def test_check_names_a_far_side_where_nothing_listens(check_setup):
+    result = check_setup(remote=f"127.0.0.1:{free_port()}")
+    assert result.returncode == 1
+    assert "FAIL  the far side said nothing" in result.stdout
+    assert "open failed: connect failed: Connection refused" in result.stdout
 
 
 # ---------------------------------------------------------------------------
