@@ -397,6 +397,11 @@ def describe_exit(code):
     return f"exited with code {code}"
 
 
+def earliest(*delays):
+    """The shortest of the delays that are set (None means no timer)."""
+    return min((d for d in delays if d is not None), default=None)
+
+
 def wall_clock(moment):
     """A time.monotonic() moment as seconds since the epoch (None stays None)."""
     return None if moment is None else time.time() - (time.monotonic() - moment)
@@ -437,6 +442,7 @@ class Tunnel:
         self.retry_at = 0.0               # no start before this (backoff)
         self.error = None                 # why the last start failed
         self.stderr_tail = collections.deque(maxlen=STDERR_TAIL)
+        self.died = Event()               # set when this child is gone: its sessions are too
         self.on_change = lambda: None     # e.g. the state file's writer
         self.changed = Event()
         self._wake = Event()
@@ -523,6 +529,16 @@ class Tunnel:
         """Start, reap or stop the child as needed; return seconds to the next timer."""
         if self.proc is not None and self.proc.poll() is not None:
             self._reaped(now)
+        if self.state == "starting" and now >= self.started_at + self.settings.wait:
+            self._stop(f"not up within {self.settings.wait:g} s")
+            self._failed(time.monotonic(), f"the tunnel was not up within {self.settings.wait:g} s")
+        timer = self._step_clients(now)
+        if self.state == "starting":
+            timer = earliest(timer, self.started_at + self.settings.wait - now)
+        return timer
+
+    def _step_clients(self, now):
+        """Start the child for waiting clients, or count down when there are none."""
         if self.active:
             if self.deadline is not None:
                 log.debug("countdown cancelled: a client arrived")
@@ -557,6 +573,7 @@ class Tunnel:
             return
         self.state, self.started_at, self.stop_reason = "starting", now, None
         self.stderr_tail.clear()
+        self.died = Event()
         log.info("tunnel starting (pid %d)", self.proc.pid)
         log.debug("tunnel command: %s", shlex.join(argv))
         gevent.spawn(self._watch, self.proc)
@@ -577,6 +594,8 @@ class Tunnel:
     def _reaped(self, now):
         """The child has exited: log why, and decide what the next start needs."""
         proc, self.proc = self.proc, None
+        proc.stdin.close()
+        self.died.set()
         code, uptime = proc.returncode, now - self.started_at
         self.last_exit = code
         was_up, self.state, self.deadline = self.state == "up", "down", None
@@ -758,7 +777,7 @@ class Forwarder(StreamServer):
         try:
             upstream = self.tunnel.connect(self.settings.wait, lambda: client_gone(client))
             try:
-                self.splice_pair(client, upstream, session)
+                self.splice_pair(client, upstream, session, self.tunnel.died)
             finally:
                 upstream.close()
         except TunnelUnavailable as exc:
@@ -769,21 +788,17 @@ class Forwarder(StreamServer):
         finally:
             self.tunnel.release()
 
-    def splice_pair(self, client, upstream, session):
-        """Copy both ways until both directions end, one fails, or the client idles."""
+    def splice_pair(self, client, upstream, session, tunnel_died):
+        """Copy both ways until both directions end, one fails, the tunnel dies
+        under them, or the client idles too long.  The caller closes the sockets."""
         up = gevent.spawn(splice, client, upstream, session.sent)
         down = gevent.spawn(splice, upstream, client, session.received)
         pending = {up: upstream, down: client}
         idle = IdleWatch(session, self.settings.idle_timeout)
         try:
             while pending:
-                done = gevent.wait(list(pending), timeout=idle.check_every, count=1)
-                if not done:
-                    if idle.expired():
-                        session.outcome = f"closed: idle for {self.settings.idle_timeout:g} s"
-                        return
-                    continue
-                for greenlet in done:
+                done = gevent.wait([*pending, tunnel_died], timeout=idle.check_every, count=1)
+                for greenlet in (g for g in done if g in pending):
                     target = pending.pop(greenlet)
                     if not greenlet.successful():
                         session.outcome = f"closed: {describe_error(greenlet.exception)}"
@@ -795,6 +810,12 @@ class Forwarder(StreamServer):
                                       "connection without a word (is --remote right?)")
                         return
                     shutdown_write(target)
+                if pending and tunnel_died.is_set():
+                    session.outcome = "closed: the tunnel ended under the session"
+                    return
+                if not done and idle.expired():
+                    session.outcome = f"closed: idle for {self.settings.idle_timeout:g} s"
+                    return
         finally:
             gevent.killall([up, down])
 
@@ -996,7 +1017,7 @@ def raise_open_files_limit():
             soft = hard
         except (ValueError, OSError):
             pass
-    log.debug("open files limit: %d", soft)
+    log.info("open files limit: %d", soft)
 
 
 def make_tunnel_dir(base=None):
