@@ -111,11 +111,13 @@ import ipaddress
 import json
 import logging
 import math
+import mmap
 import os
 import pwd
 import random
 import re
 import resource
+import select
 import shlex
 import shutil
 import signal
@@ -158,7 +160,8 @@ SESSION_PROBATION = 10.0
 
 #: Bytes read per chunk; a buffer is taken from the pool only once data waits.
 CHUNK_SIZE = 256 * 1024
-#: At most this many idle chunk buffers are kept for reuse.
+#: At most this many idle chunk buffers are kept for reuse while clients are
+#: connected; the pool is emptied when the last one leaves.
 BUFFER_POOL_SIZE = 64
 
 #: First pause between connection attempts while the tunnel starts (seconds).
@@ -671,7 +674,16 @@ class Tunnel:
 # The forwarder
 # ---------------------------------------------------------------------------
 
-_buffers = []
+_buffers = []     # idle chunk buffers: anonymous mmaps, so freeing one returns its memory
+
+
+def take_buffer():
+    return _buffers.pop() if _buffers else mmap.mmap(-1, CHUNK_SIZE)
+
+
+def give_back_buffer(buf):
+    if len(_buffers) < BUFFER_POOL_SIZE:
+        _buffers.append(buf)
 
 
 def splice(src, dst, flow):
@@ -683,14 +695,13 @@ def splice(src, dst, flow):
     fd = src.fileno()
     while True:
         wait_read(fd)
-        buf = _buffers.pop() if _buffers else bytearray(CHUNK_SIZE)
+        buf = take_buffer()
         try:
             n = src.recv_into(buf)
             if n:
                 dst.sendall(memoryview(buf)[:n])
         finally:
-            if len(_buffers) < BUFFER_POOL_SIZE:
-                _buffers.append(buf)
+            give_back_buffer(buf)
         if not n:
             return
         flow[0] += n
@@ -702,6 +713,14 @@ def shutdown_write(sock):
         sock.shutdown(socket.SHUT_WR)
     except OSError:
         pass
+
+
+def hung_up(sock):
+    """True if the peer closed its end entirely, not just half-closed it (POLLHUP:
+    a Unix socket shows it; ssh closes a channel that DESTINATION refused)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return any(event & select.POLLHUP for _, event in poller.poll(0))
 
 
 def client_gone(sock):
@@ -767,6 +786,8 @@ class Forwarder(StreamServer):
             session.log()
             self.bytes_from_clients += session.sent[0]
             self.bytes_to_clients += session.received[0]
+            if not self.tunnel.active:
+                _buffers.clear()             # idle again: hand the buffers' memory back
             self.on_change()
 
     def forward(self, client, session):
@@ -803,7 +824,8 @@ class Forwarder(StreamServer):
                     if not greenlet.successful():
                         session.outcome = f"closed: {describe_error(greenlet.exception)}"
                         return
-                    if greenlet is down and not session.received[0] and up in pending:
+                    if greenlet is down and not session.received[0] and up in pending \
+                            and hung_up(upstream):
                         session.outcome = "421: the tunnel closed before the far side spoke"
                         up.kill()
                         reply(client, "421 4.4.0 minimail: the far side closed the "

@@ -154,13 +154,22 @@ Host *
         self.proc.wait(timeout=10)
 
 
+class HosterController(Controller):
+    """aiosmtpd's server with a listen backlog fit for hundreds of clients at once:
+    asyncio's default of 100 makes the rest wait for SYN retries, seconds each."""
+
+    def _create_server(self):
+        return self.loop.create_server(self._factory_invoker, host=self.hostname,
+                                       port=self.port, backlog=1024)
+
+
 class Hoster:
     """A real SMTP server (aiosmtpd) standing in for the hoster's; it keeps every message."""
 
     def __init__(self):
         self.messages = []
         self.port = free_port()
-        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        self.controller = HosterController(self, hostname="127.0.0.1", port=self.port)
         self.controller.start()
 
     async def handle_DATA(self, server, session, envelope):
@@ -465,11 +474,11 @@ def tunnel_double(tmp_path, minimail_process):
     script = tmp_path / "tunnel_double.py"
     script.write_text(TUNNEL_DOUBLE)
 
-    def start(*command, linger=5, wait=30):
+    def start(*command, linger=5, wait=30, options=()):
         port = free_port()
         words = [sys.executable, script, *[str(w).format(port=port) for w in command]]
         mm = minimail_process("--tunnel-port", port, "--tunnel-command", " ".join(map(str, words)),
-                              "--linger", linger, "--jitter", 0, "--wait", wait)
+                              "--linger", linger, "--jitter", 0, "--wait", wait, *options)
         return mm, port
     return start
 
