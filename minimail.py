@@ -105,6 +105,7 @@ listen address is taken), 2 for a usage error.
 """
 
 import collections
+import ctypes
 import errno
 import importlib
 import ipaddress
@@ -186,6 +187,8 @@ LISTEN_BACKLOG = 4096
 STDERR_TAIL = 20
 #: Environment variables of a service manager that the tunnel must not inherit.
 SERVICE_VARIABLES = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
+#: prctl(2): the ambient capability set, and its operation that clears it.
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 #: The first file descriptor systemd passes with socket activation.
 SD_LISTEN_FDS_START = 3
 #: The open-files limit to aim for when the hard limit is unlimited.
@@ -353,7 +356,8 @@ class Settings:
         self.user = args["--user"]
         self.pidfile = args["--pidfile"] and os.path.abspath(args["--pidfile"])
         self.logfile = args["--logfile"] and os.path.abspath(args["--logfile"])
-        self.destination = args["DESTINATION"] and parse_destination(args["DESTINATION"])
+        self.destination = args["DESTINATION"] if args["DESTINATION"] is None \
+            else parse_destination(args["DESTINATION"])
         self.tunnel_command = args["--tunnel-command"] and parse_command(
             args["--tunnel-command"], "--tunnel-command")
         if self.tunnel_command and not self.tunnel_port:
@@ -442,6 +446,7 @@ class Tunnel:
         self.deadline = None              # when the countdown ends
         self.failures = 0                 # failed starts in a row
         self.last_exit = None             # the last child's exit status
+        self.closing = False              # minimail is stopping: no new child
         self.retry_at = 0.0               # no start before this (backoff)
         self.error = None                 # why the last start failed
         self.stderr_tail = collections.deque(maxlen=STDERR_TAIL)
@@ -463,10 +468,13 @@ class Tunnel:
         self._wake.set()
 
     def check(self):
-        """Raise TunnelUnavailable while minimail backs off after a failed start."""
+        """Raise TunnelUnavailable while minimail backs off after a failed start,
+        or when it is stopping and the tunnel is gone."""
         left = self.retry_at - time.monotonic()
         if self.proc is None and left > 0:
             raise TunnelUnavailable(f"{self.error}; next try in {math.ceil(left)} s")
+        if self.proc is None and self.closing:
+            raise TunnelUnavailable("minimail is stopping")
 
     def connect(self, wait, abandoned=lambda: False):
         """Connect to the tunnel's local end, retrying until it accepts.
@@ -547,7 +555,7 @@ class Tunnel:
                 log.debug("countdown cancelled: a client arrived")
                 self.deadline = None
                 self.on_change()
-            if self.proc is None:
+            if self.proc is None and not self.closing:
                 if now < self.retry_at:
                     return self.retry_at - now
                 self._launch(now)
@@ -687,24 +695,29 @@ def give_back_buffer(buf):
 
 
 def splice(src, dst, flow):
-    """Copy src to dst until src ends; flow[0] counts the bytes.
+    """Copy src to dst until src ends; flow[0] counts the bytes.  Returns None at
+    the end of src, or the socket error that ended the copy (a client's reset is
+    an outcome to log, not a crash).
 
     The buffer comes from a pool only once src is readable, so idle clients
     hold none.  The caller passes end-of-stream on (see Forwarder.splice_pair).
     """
     fd = src.fileno()
-    while True:
-        wait_read(fd)
-        buf = take_buffer()
-        try:
-            n = src.recv_into(buf)
-            if n:
-                dst.sendall(memoryview(buf)[:n])
-        finally:
-            give_back_buffer(buf)
-        if not n:
-            return
-        flow[0] += n
+    try:
+        while True:
+            wait_read(fd)
+            buf = take_buffer()
+            try:
+                n = src.recv_into(buf)
+                if n:
+                    dst.sendall(memoryview(buf)[:n])
+            finally:
+                give_back_buffer(buf)
+            if not n:
+                return None
+            flow[0] += n
+    except OSError as exc:
+        return exc
 
 
 def shutdown_write(sock):
@@ -821,8 +834,9 @@ class Forwarder(StreamServer):
                 done = gevent.wait([*pending, tunnel_died], timeout=idle.check_every, count=1)
                 for greenlet in (g for g in done if g in pending):
                     target = pending.pop(greenlet)
-                    if not greenlet.successful():
-                        session.outcome = f"closed: {describe_error(greenlet.exception)}"
+                    failure = greenlet.exception or greenlet.value
+                    if failure is not None:
+                        session.outcome = f"closed: {describe_error(failure)}"
                         return
                     if greenlet is down and not session.received[0] and up in pending \
                             and hung_up(upstream):
@@ -1015,6 +1029,21 @@ def drop_privileges(user):
             raise Fatal("dropping root failed: the process could become root again")
     os.environ.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
     log.info("running as %s (uid %d)", user.pw_name, user.pw_uid)
+
+
+def clear_ambient_capabilities():
+    """Keep a capability systemd granted for binding (AmbientCapabilities=) from
+    passing on to ssh: clear the ambient set once the port is bound (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            ambient = re.search(r"^CapAmb:\s*([0-9a-f]+)", f.read(), re.M)
+    except OSError:
+        return
+    if not ambient or int(ambient[1], 16) == 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
+        log.warning("cannot clear ambient capabilities: %s", os.strerror(ctypes.get_errno()))
 
 
 def preload():
@@ -1244,6 +1273,7 @@ def run(settings, listener, user, pidfile, readiness, logfile=None):
     tunnel_dir = None
     try:
         raise_open_files_limit()
+        clear_ambient_capabilities()
         preload()
         stopping = Event()
         if user is not None:
@@ -1279,6 +1309,7 @@ def run(settings, listener, user, pidfile, readiness, logfile=None):
         readiness.stopping()
         if supervisor.dead:
             log.error("the tunnel supervisor failed: %r", supervisor.exception)
+        tunnel.closing = True
         drain(server, settings.drain)
         supervisor.kill()
         tunnel.close()

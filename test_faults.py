@@ -16,6 +16,7 @@ import resource
 import signal
 import smtplib
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -314,6 +315,22 @@ def test_a_second_signal_stops_at_once(tunnel_double):
     client.close()
 
 
+def test_a_tunnel_that_dies_during_the_drain_is_not_started_again(tunnel_double):
+    mm, _ = tunnel_double("echo", 0, "{port}")
+    client = socket.create_connection(("127.0.0.1", mm.port), timeout=10)
+    client.sendall(b"x")
+    assert client.recv(1) == b"x"
+    mm.proc.send_signal(signal.SIGTERM)
+    mm.wait_for_log(r"waiting up to 10 s for 1 active session")
+    (tunnel, _, _), = mm.tunnels()
+    os.kill(tunnel, signal.SIGKILL)                      # as systemd's KillMode=control-group would
+    assert mm.proc.wait(timeout=5) == 0
+    assert client.recv(1) == b""
+    client.close()
+    assert mm.tunnel_starts() == 1
+    assert "closed: the tunnel ended under the session" in mm.log()
+
+
 # ---------------------------------------------------------------------------
 # Clients that misbehave
 # ---------------------------------------------------------------------------
@@ -328,6 +345,17 @@ def test_an_idle_client_is_closed(tunnel_double):
         assert client.recv(10) == b""                    # then nothing for a second: closed
         assert 1 <= time.monotonic() - opened < 2
     mm.wait_for_log(r"closed: idle for 1 s; 5 bytes from client, 5 to client")
+
+
+def test_a_client_that_resets_is_logged_not_a_traceback(tunnel_double):
+    mm, _ = tunnel_double("echo", 0, "{port}")
+    client = socket.create_connection(("127.0.0.1", mm.port), timeout=10)
+    client.sendall(b"y" * 100_000)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()                                       # a reset, with the echo unread
+    mm.wait_for_log(r"client 127\.0\.0\.1:\d+: closed: E[A-Z]+; 100000 bytes from client")
+    assert not re.search(r"^Traceback|failed with", mm.log(), re.M)   # gevent's crash report
+    assert try_echo(mm.port)
 
 
 def test_more_than_max_clients_get_421_at_once(tunnel_double):

@@ -433,12 +433,15 @@ TUNNEL_DOUBLE = r'''
 import hashlib, socket, sys, threading, time
 
 def echo(conn):
-    while True:
-        data = conn.recv(65536)
-        if not data:
-            break
-        conn.sendall(data)
-    conn.shutdown(socket.SHUT_WR)
+    try:
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+    except OSError:            # the client went away
+        pass
     conn.close()
 
 def greet(conn, path):
@@ -569,6 +572,7 @@ def test_a_far_side_that_refuses_gives_421(through_ssh, hoster):
     (["--foreground", "--tunnel-command", "true"], "--tunnel-command needs --tunnel-port"),
     (["--foreground", "-t", "2600", "--tunnel-command", "'unbalanced"], "No closing quotation"),
     (["--foreground", "me@ho st"], "is not an ssh destination"),
+    (["--foreground", ""], "'' is not an ssh destination"),
     (["--foreground", "me@host", "extra"], "unexpected argument 'extra'"),
 ])
 def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
@@ -852,6 +856,28 @@ def test_socket_activation_and_readiness_for_systemd(sshd, hoster, tmp_path):
         proc.kill()
         proc.wait()
         notify.close()
+
+
+@root_only
+def test_a_capability_granted_for_the_port_does_not_pass_on_to_the_tunnel(tunnel_script, tmp_path):
+    setpriv = shutil.which("setpriv")
+    need("setpriv (util-linux)", setpriv)
+    port = free_port()
+    with open(tmp_path / "minimail.log", "wb") as log:            # as systemd's AmbientCapabilities=
+        proc = subprocess.Popen(
+            [setpriv, "--inh-caps", "+net_bind_service", "--ambient-caps", "+net_bind_service",
+             sys.executable, MINIMAIL, "--foreground", *AS_ROOT, "--listen", f"127.0.0.1:{port}",
+             *map(str, tunnel_script("echo", 0, "{port}"))], stderr=log)
+    try:
+        wait_until(lambda: b"listening on" in (tmp_path / "minimail.log").read_bytes(), 10, "minimail")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"x")
+            assert client.recv(1) == b"x"
+            (tunnel, _, _), = child_processes(proc.pid)
+            assert proc_status(tunnel)["CapAmb"] == "0000000000000000"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
 
 
 @pytest.fixture
