@@ -153,11 +153,11 @@ SSH_DEFAULT_OPTIONS = (
 )
 #: The remote command that holds the session open: it waits on its stdin.
 SESSION_COMMAND = "cat"
-#: ssh's own exit status for its errors (as opposed to the remote command's).
+#: ssh's own exit status for its errors and lost connections (a remote command
+#: killed by a signal ends with it too).  Any other status, when minimail did not
+#: stop ssh, is the remote command's own: the session ended, so the account may
+#: run no command (a forced command, a restricted shell) and gets ssh -N.
 SSH_ERROR_STATUS = 255
-#: A session that ends this soon after the start, with the remote command's own
-#: exit status, means the account may not run commands: fall back to -N.
-SESSION_PROBATION = 10.0
 
 #: Bytes read per chunk; a buffer is taken from the pool only once data waits.
 CHUNK_SIZE = 256 * 1024
@@ -612,11 +612,11 @@ class Tunnel:
         was_up, self.state, self.deadline = self.state == "up", "down", None
         if self.stop_reason:
             log.info("tunnel stopped (pid %d, %s): %s", proc.pid, self.stop_reason, describe_exit(code))
-        elif self.session and uptime < SESSION_PROBATION and 0 <= code != SSH_ERROR_STATUS:
+        elif self.session and 0 <= code != SSH_ERROR_STATUS:
             self.session = False
-            log.warning("the remote command ended at once (%s): %s allows no session here; "
-                        "using ssh -N from now on (see --no-session)",
-                        describe_exit(code), self.settings.destination)
+            log.warning("the remote command ended by itself (%s after %.1f s): %s allows no "
+                        "session; using ssh -N from now on (see --no-session)",
+                        describe_exit(code), uptime, self.settings.destination)
         elif was_up:
             log.warning("tunnel (pid %d) %s after %.1f s", proc.pid, describe_exit(code), uptime)
         else:

@@ -406,6 +406,34 @@ def test_a_session_longer_than_linger_is_not_cut(through_ssh, hoster):
     assert mm.tunnel_starts() == 1
 
 
+def test_an_account_that_may_run_no_command_gets_ssh_minus_n(sshd, hoster, minimail_process,
+                                                              tmp_path):
+    key = tmp_path / "forced_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                   check=True, timeout=30)
+    entry = f'command="/bin/true" {Path(f"{key}.pub").read_text()}'
+    authorized = sshd.root / "authorized_keys"
+    original = authorized.read_text()
+    authorized.write_text(original + entry)              # a forced command ends every session
+    config = tmp_path / "ssh_config"
+    config.write_text(sshd.config.read_text().replace(f"{sshd.root}/client_key", str(key)))
+    try:
+        mm = minimail_process("--ssh", f"ssh -F {config}", "--remote", f"127.0.0.1:{hoster.port}",
+                              "--linger", 30, "--jitter", 0, "hoster")
+        send_mail(mm.port, make_message("forced-0"))      # the session ended at once, but ssh
+        mm.wait_for_log(r"the remote command ended by itself \(exited with code 0")  # forwarded
+        for i in (1, 2):                                  # the next clients get a working tunnel
+            send_mail(mm.port, make_message(f"forced-{i}"))
+        assert hoster.bodies() == [make_message(f"forced-{i}") for i in range(3)]
+        assert mm.log().count("the remote command ended") == 1
+        assert mm.tunnel_starts() == 2
+        (pid, _, _), = mm.tunnels()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+        assert b"-N" in argv and argv[-1] == b"hoster"
+    finally:
+        authorized.write_text(original)
+
+
 def test_the_tunnel_socket_lives_in_a_private_directory_removed_on_exit(through_ssh, hoster):
     mm = through_ssh()
     send_mail(mm.port, make_message("private"))
