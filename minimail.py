@@ -107,6 +107,7 @@ listen address is taken), 2 for a usage error.
 import collections
 import ctypes
 import errno
+import fcntl
 import importlib
 import ipaddress
 import json
@@ -135,7 +136,7 @@ from gevent import subprocess
 from gevent.event import Event
 from gevent.pool import Pool
 from gevent.server import StreamServer
-from gevent.socket import wait_read
+from gevent.socket import wait_read, wait_write
 
 __version__ = "0.1.0"
 
@@ -159,11 +160,16 @@ SESSION_COMMAND = "cat"
 #: run no command (a forced command, a restricted shell) and gets ssh -N.
 SSH_ERROR_STATUS = 255
 
-#: Bytes read per chunk; a buffer is taken from the pool only once data waits.
-CHUNK_SIZE = 256 * 1024
-#: At most this many idle chunk buffers are kept for reuse while clients are
-#: connected; the pool is emptied when the last one leaves.
-BUFFER_POOL_SIZE = 64
+#: Bytes moved per chunk: the size of a splice pipe (the most a user may ask
+#: for without privilege: /proc/sys/fs/pipe-max-size), or of a copy buffer.
+CHUNK_SIZE = 1024 * 1024
+#: A copy that always finds data waiting lets others run after this many chunks.
+YIELD_EVERY = 16
+#: At most this many idle pipes (or buffers) are kept for reuse while clients
+#: are connected; the pools are emptied when the last one leaves.
+POOL_SIZE = 32
+#: splice(2) flags: move pages rather than copy them; never block on the pipe.
+SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 #: First pause between connection attempts while the tunnel starts (seconds).
 POLL_FIRST = 0.005
@@ -682,42 +688,110 @@ class Tunnel:
 # The forwarder
 # ---------------------------------------------------------------------------
 
-_buffers = []     # idle chunk buffers: anonymous mmaps, so freeing one returns its memory
+# Copying: zero-copy through a pipe where there is splice(2) (Linux, Python 3.10+),
+# else through a buffer.  A pipe or buffer is taken from a pool only once data
+# waits, so an idle client holds none, and the pools are emptied when the last
+# client leaves.  This is the hot path: no logging, no allocation per chunk.
+
+_pipes = []       # idle, empty pipes for os.splice: (read end, write end)
+_buffers = []     # idle buffers for recv_into: anonymous mmaps, whose memory frees for real
 
 
-def take_buffer():
-    return _buffers.pop() if _buffers else mmap.mmap(-1, CHUNK_SIZE)
+def new_pipe():
+    read_end, write_end = os.pipe()
+    try:
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, CHUNK_SIZE)
+    except OSError:
+        pass                 # above /proc/sys/fs/pipe-max-size: the default will do
+    return read_end, write_end
 
 
-def give_back_buffer(buf):
-    if len(_buffers) < BUFFER_POOL_SIZE:
-        _buffers.append(buf)
+def close_pipe(pipe):
+    for fd in pipe:
+        os.close(fd)
 
 
-def splice(src, dst, flow):
-    """Copy src to dst until src ends; flow[0] counts the bytes.  Returns None at
-    the end of src, or the socket error that ended the copy (a client's reset is
-    an outcome to log, not a crash).
+def splice_through_pipe(src, dst, flow):
+    """Move src to dst until src ends, through a pipe with splice(2): the bytes
+    never enter Python.  flow[0] counts them.  Returns None at the end of src, or
+    the socket error that ended the copy (a client's reset is an outcome to log,
+    not a crash).  The caller passes end-of-stream on (Forwarder.splice_pair).
 
-    The buffer comes from a pool only once src is readable, so idle clients
-    hold none.  The caller passes end-of-stream on (see Forwarder.splice_pair).
-    """
+    It reads before it waits, so a bulk transfer seldom goes round the event
+    loop; after YIELD_EVERY chunks in a row it waits all the same, to give other
+    clients their turn.  A pipe is held only while it holds bytes."""
+    src_fd, dst_fd = src.fileno(), dst.fileno()
+    in_a_row = 0
+    while True:
+        pipe = _pipes.pop() if _pipes else new_pipe()
+        try:
+            count = move_through(pipe, src_fd, dst_fd)
+        except OSError as exc:
+            close_pipe(pipe)     # it may hold bytes that will never be sent
+            return exc
+        except BaseException:
+            close_pipe(pipe)     # killed mid-chunk (minimail is stopping)
+            raise
+        if len(_pipes) < POOL_SIZE:
+            _pipes.append(pipe)
+        else:
+            close_pipe(pipe)
+        if count == 0:
+            return None
+        if count:
+            flow[0] += count
+            in_a_row += 1
+        if count is None or in_a_row >= YIELD_EVERY:
+            in_a_row = 0
+            wait_read(src_fd)
+
+
+def move_through(pipe, src_fd, dst_fd):
+    """Move what waits on src_fd through an empty pipe to dst_fd: the byte count,
+    0 at the end of src, or None if nothing waits."""
+    try:
+        count = os.splice(src_fd, pipe[1], CHUNK_SIZE, flags=SPLICE_FLAGS)
+    except BlockingIOError:
+        return None
+    left = count
+    while left:
+        try:
+            left -= os.splice(pipe[0], dst_fd, left, flags=SPLICE_FLAGS)
+        except BlockingIOError:
+            wait_write(dst_fd)
+    return count
+
+
+def splice_through_buffer(src, dst, flow):
+    """splice_through_pipe's twin for systems without splice(2): recv_into a
+    pooled buffer, then sendall."""
     fd = src.fileno()
     try:
         while True:
             wait_read(fd)
-            buf = take_buffer()
+            buf = _buffers.pop() if _buffers else mmap.mmap(-1, CHUNK_SIZE)
             try:
-                n = src.recv_into(buf)
-                if n:
-                    dst.sendall(memoryview(buf)[:n])
+                count = src.recv_into(buf)
+                if count:
+                    dst.sendall(memoryview(buf)[:count])
             finally:
-                give_back_buffer(buf)
-            if not n:
+                if len(_buffers) < POOL_SIZE:
+                    _buffers.append(buf)
+            if not count:
                 return None
-            flow[0] += n
+            flow[0] += count
     except OSError as exc:
         return exc
+
+
+splice = splice_through_pipe if hasattr(os, "splice") else splice_through_buffer
+
+
+def empty_pools():
+    """No client is connected: hand the idle pipes and buffers back to the system."""
+    while _pipes:
+        close_pipe(_pipes.pop())
+    _buffers.clear()
 
 
 def shutdown_write(sock):
@@ -756,18 +830,34 @@ def format_peer(address):
 
 
 class Session:
-    """One client's connection: what the log line at its end reports."""
+    """One client's connection: its sockets, and what the log line at its end reports."""
 
-    def __init__(self, peer):
+    def __init__(self, client, peer):
+        self.client = client
+        self.upstream = None     # the connection through the tunnel, once there is one
         self.peer = peer
         self.started = time.monotonic()
         self.sent = [0]          # bytes from the client into the tunnel
         self.received = [0]      # bytes from the tunnel to the client
-        self.outcome = "ok"
+        self.outcome = None      # why it ended, if not simply at the end of both streams
+
+    def end(self, outcome):
+        """End the session from outside its copies: shutting both sockets down
+        wakes them wherever they wait, and they end as at end-of-stream."""
+        if self.outcome is None:
+            self.outcome = outcome
+        for sock in (self.client, self.upstream):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def end_with_tunnel(self, _event):
+        self.end("closed: the tunnel ended under the session")
 
     def log(self):
         log.info("client %s: %s; %d bytes from client, %d to client, %.2f s",
-                 self.peer, self.outcome, self.sent[0], self.received[0],
+                 self.peer, self.outcome or "ok", self.sent[0], self.received[0],
                  time.monotonic() - self.started)
 
 
@@ -785,7 +875,7 @@ class Forwarder(StreamServer):
         self.on_change = lambda: None
 
     def handle(self, client, address):
-        session = Session(format_peer(address))
+        session = Session(client, format_peer(address))
         try:
             if self.tunnel.active >= self.settings.max_clients:
                 session.outcome = "refused: too many clients"
@@ -800,7 +890,7 @@ class Forwarder(StreamServer):
             self.bytes_from_clients += session.sent[0]
             self.bytes_to_clients += session.received[0]
             if not self.tunnel.active:
-                _buffers.clear()             # idle again: hand the buffers' memory back
+                empty_pools()
             self.on_change()
 
     def forward(self, client, session):
@@ -809,11 +899,11 @@ class Forwarder(StreamServer):
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.tunnel.acquire()
         try:
-            upstream = self.tunnel.connect(self.settings.wait, lambda: client_gone(client))
+            session.upstream = self.tunnel.connect(self.settings.wait, lambda: client_gone(client))
             try:
-                self.splice_pair(client, upstream, session, self.tunnel.died)
+                self.splice_pair(session, self.tunnel.died)
             finally:
-                upstream.close()
+                session.upstream.close()
         except TunnelUnavailable as exc:
             session.outcome = f"421: {exc}"
             reply(client, f"421 4.4.0 minimail: {exc}")
@@ -822,56 +912,74 @@ class Forwarder(StreamServer):
         finally:
             self.tunnel.release()
 
-    def splice_pair(self, client, upstream, session, tunnel_died):
+    def splice_pair(self, session, tunnel_died):
         """Copy both ways until both directions end, one fails, the tunnel dies
-        under them, or the client idles too long.  The caller closes the sockets."""
-        up = gevent.spawn(splice, client, upstream, session.sent)
-        down = gevent.spawn(splice, upstream, client, session.received)
-        pending = {up: upstream, down: client}
-        idle = IdleWatch(session, self.settings.idle_timeout)
+        under them, or the session idles too long.  The caller closes the sockets.
+
+        This greenlet copies from the tunnel to the client, one more the other
+        way: a held client costs two parked greenlets.  The idle timer and the
+        tunnel's death are callbacks, which end the session (Session.end)."""
+        client, upstream = session.client, session.upstream
+        up = gevent.spawn(copy_up, session)
+        idle = IdleTimer(session, self.settings.idle_timeout)
+        tunnel_ended = session.end_with_tunnel
+        tunnel_died.rawlink(tunnel_ended)
         try:
-            while pending:
-                done = gevent.wait([*pending, tunnel_died], timeout=idle.check_every, count=1)
-                for greenlet in (g for g in done if g in pending):
-                    target = pending.pop(greenlet)
-                    failure = greenlet.exception or greenlet.value
-                    if failure is not None:
-                        session.outcome = f"closed: {describe_error(failure)}"
-                        return
-                    if greenlet is down and not session.received[0] and up in pending \
-                            and hung_up(upstream):
-                        session.outcome = "421: the tunnel closed before the far side spoke"
-                        up.kill()
-                        reply(client, "421 4.4.0 minimail: the far side closed the "
-                                      "connection without a word (is --remote right?)")
-                        return
-                    shutdown_write(target)
-                if pending and tunnel_died.is_set():
-                    session.outcome = "closed: the tunnel ended under the session"
-                    return
-                if not done and idle.expired():
-                    session.outcome = f"closed: idle for {self.settings.idle_timeout:g} s"
-                    return
+            failure = splice(upstream, client, session.received)
+            if failure is not None:
+                session.end(f"closed: {describe_error(failure)}")
+            elif session.outcome is None and not session.received[0] and not up.dead \
+                    and hung_up(upstream):
+                up.kill()
+                session.outcome = "421: the tunnel closed before the far side spoke"
+                reply(client, "421 4.4.0 minimail: the far side closed the "
+                              "connection without a word (is --remote right?)")
+                return
+            else:
+                shutdown_write(client)
+            up.join()
         finally:
-            gevent.killall([up, down])
+            tunnel_died.unlink(tunnel_ended)
+            idle.stop()
+            up.kill()
 
 
-class IdleWatch:
-    """Tells when a session has moved no byte for idle_timeout seconds."""
+def copy_up(session):
+    """The client-to-tunnel half of a session, in a greenlet of its own."""
+    failure = splice(session.client, session.upstream, session.sent)
+    if failure is not None:
+        session.end(f"closed: {describe_error(failure)}")
+    else:
+        shutdown_write(session.upstream)
+
+
+class IdleTimer:
+    """Ends a session that has moved no byte for idle_timeout seconds (0: never).
+    A timer that checks the byte counts now and then: no greenlet, no work per chunk."""
 
     def __init__(self, session, idle_timeout):
         self.session = session
         self.idle_timeout = idle_timeout
-        self.check_every = idle_timeout / 4 if idle_timeout else None
         self.last_total = 0
         self.last_change = time.monotonic()
+        self.timer = None
+        if idle_timeout:
+            self.timer = gevent.get_hub().loop.timer(idle_timeout / 4, idle_timeout / 4)
+            self.timer.start(self.check)
 
-    def expired(self):
+    def check(self):
         total = self.session.sent[0] + self.session.received[0]
         now = time.monotonic()
         if total != self.last_total:
             self.last_total, self.last_change = total, now
-        return now - self.last_change >= self.idle_timeout
+        elif now - self.last_change >= self.idle_timeout:
+            self.stop()
+            self.session.end(f"closed: idle for {self.idle_timeout:g} s")
+
+    def stop(self):
+        if self.timer is not None:
+            self.timer.close()
+            self.timer = None
 
 
 def describe_error(exc):

@@ -1010,6 +1010,41 @@ def test_remote_addresses(text, expected):
     assert minimail.parse_remote(text) == expected
 
 
+@pytest.mark.parametrize("copy", [minimail.splice_through_pipe, minimail.splice_through_buffer],
+                         ids=["splice(2)", "recv_into"])
+def test_both_ways_of_copying_move_every_byte_and_report_the_end(copy):
+    """The zero-copy path runs in every test above where splice(2) exists; its
+    twin runs where it does not: both on real sockets here."""
+    if copy is minimail.splice_through_pipe and not hasattr(os, "splice"):
+        pytest.skip("no os.splice here")
+    import gevent.socket
+    payload = os.urandom(3_000_000)
+    src_near, src_far = gevent.socket.socketpair()
+    dst_near, dst_far = gevent.socket.socketpair()
+    flow = [0]
+    copier = gevent.spawn(copy, src_far, dst_near, flow)
+    def write_all():
+        src_near.sendall(payload)
+        src_near.shutdown(socket.SHUT_WR)
+
+    writer = gevent.spawn(write_all)
+    received = []
+    while True:
+        chunk = dst_far.recv(65536)
+        if not chunk:
+            break
+        received.append(chunk)
+        if sum(map(len, received)) == len(payload):
+            break
+    assert copier.get(timeout=10) is None and writer.get(timeout=10) is None   # at end of src
+    assert b"".join(received) == payload and flow == [len(payload)]
+    src_near, src_far = gevent.socket.socketpair()
+    dst_far.close()                                   # the far side is gone
+    src_near.sendall(b"x" * 1000)                      # fits in the socket's buffer
+    failure = gevent.spawn(copy, src_far, dst_near, [0]).get(timeout=10)
+    assert isinstance(failure, (BrokenPipeError, ConnectionResetError))
+
+
 def test_ssh_argv_keeps_safety_options_first_and_holds_a_session():
     argv = minimail.ssh_argv(["ssh", "-F", "cfg"], ["BatchMode=no", "ServerAliveInterval=2"],
                              "/run/mm/tunnel.sock:localhost:25", "me@hoster", session=True)
