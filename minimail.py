@@ -613,6 +613,8 @@ class Tunnel:
         proc, self.proc = self.proc, None
         proc.stdin.close()
         self.died.set()
+        if not self.active:
+            empty_pools()           # idle for real: the splice's pipes go back too
         code, uptime = proc.returncode, now - self.started_at
         self.last_exit = code
         was_up, self.state, self.deadline = self.state == "up", "down", None
@@ -788,7 +790,7 @@ splice = splice_through_pipe if hasattr(os, "splice") else splice_through_buffer
 
 
 def empty_pools():
-    """No client is connected: hand the idle pipes and buffers back to the system."""
+    """Hand the idle pipes and buffers back to the system (the tunnel has stopped)."""
     while _pipes:
         close_pipe(_pipes.pop())
     _buffers.clear()
@@ -889,8 +891,6 @@ class Forwarder(StreamServer):
             session.log()
             self.bytes_from_clients += session.sent[0]
             self.bytes_to_clients += session.received[0]
-            if not self.tunnel.active:
-                empty_pools()
             self.on_change()
 
     def forward(self, client, session):
@@ -1228,6 +1228,9 @@ def log_to_file(path, verbose, owner):
 
 
 def install_log_handler(handler, verbose):
+    # Record nothing the formats do not print (the logging docs' "Optimization").
+    logging.logThreads = logging.logMultiprocessing = False
+    logging._srcfile = None
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
