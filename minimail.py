@@ -136,7 +136,6 @@ from gevent import subprocess
 from gevent.event import Event
 from gevent.pool import Pool
 from gevent.server import StreamServer
-from gevent.socket import wait_read, wait_write
 
 __version__ = "0.1.0"
 
@@ -165,18 +164,20 @@ SSH_ERROR_STATUS = 255
 CHUNK_SIZE = 1024 * 1024
 #: A copy that always finds data waiting lets others run after this many chunks.
 YIELD_EVERY = 16
+#: libev's event masks for an io watcher.
+READ, WRITE = 1, 2
 #: At most this many idle pipes (or buffers) are kept for reuse while clients
 #: are connected; the pools are emptied when the last one leaves.
 POOL_SIZE = 32
 #: splice(2) flags: move pages rather than copy them; never block on the pipe.
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
-#: First pause between connection attempts while the tunnel starts (seconds).
-POLL_FIRST = 0.005
-#: The pause grows by this factor up to POLL_MAX.
-POLL_GROWTH = 1.5
-#: Longest pause between connection attempts while the tunnel starts.
-POLL_MAX = 0.05
+#: While the tunnel starts, a waiting client tries to connect this often (seconds)...
+POLL_FAST = 0.005
+#: ...for this long, as ssh is normally up by then; a start that takes longer
+#: is waited for more lazily, so that many waiting clients cost little.
+POLL_FAST_FOR = 2.0
+POLL_SLOW = 0.05
 
 #: Seconds ssh gets to end by itself after its stdin closes, then to obey SIGTERM.
 STOP_GRACE = 3.0
@@ -489,8 +490,8 @@ class Tunnel:
         TunnelUnavailable when a start fails or after `wait` seconds, and with
         ClientGone as soon as abandoned() says nobody needs the connection.
         """
-        deadline = time.monotonic() + wait
-        pause = POLL_FIRST
+        started = time.monotonic()
+        deadline = started + wait
         while True:
             changed = self.changed
             if self.state in ("starting", "up"):
@@ -504,8 +505,8 @@ class Tunnel:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TunnelUnavailable(f"the tunnel was not up within {wait:g} s")
+            pause = POLL_FAST if time.monotonic() - started < POLL_FAST_FOR else POLL_SLOW
             changed.wait(min(pause, left))
-            pause = min(pause * POLL_GROWTH, POLL_MAX)
 
     def _try_connect(self):
         """One attempt to connect to the tunnel; None while nobody accepts there."""
@@ -719,38 +720,47 @@ def splice_through_pipe(src, dst, flow):
     the socket error that ended the copy (a client's reset is an outcome to log,
     not a crash).  The caller passes end-of-stream on (Forwarder.splice_pair).
 
-    It reads before it waits, so a bulk transfer seldom goes round the event
-    loop; after YIELD_EVERY chunks in a row it waits all the same, to give other
-    clients their turn.  A pipe is held only while it holds bytes."""
-    src_fd, dst_fd = src.fileno(), dst.fileno()
+    After a chunk that filled the pipe it reads again before it waits, so a bulk
+    transfer seldom goes round the event loop (but after YIELD_EVERY chunks in a
+    row it waits all the same, to give other clients their turn).  A pipe is held
+    only while it holds bytes; the two watchers live as long as the copy."""
+    hub = gevent.get_hub()
+    readable = hub.loop.io(src.fileno(), READ)
+    writable = hub.loop.io(dst.fileno(), WRITE)
     in_a_row = 0
-    while True:
-        pipe = _pipes.pop() if _pipes else new_pipe()
-        try:
-            count = move_through(pipe, src_fd, dst_fd)
-        except OSError as exc:
-            close_pipe(pipe)     # it may hold bytes that will never be sent
-            return exc
-        except BaseException:
-            close_pipe(pipe)     # killed mid-chunk (minimail is stopping)
-            raise
-        if len(_pipes) < POOL_SIZE:
-            _pipes.append(pipe)
-        else:
-            close_pipe(pipe)
-        if count == 0:
-            return None
-        if count:
-            flow[0] += count
-            in_a_row += 1
-        if count is None or in_a_row >= YIELD_EVERY:
-            in_a_row = 0
-            wait_read(src_fd)
+    try:
+        while True:
+            hub.wait(readable)
+            while True:
+                pipe = _pipes.pop() if _pipes else new_pipe()
+                try:
+                    count = move_through(pipe, readable.fd, writable, hub)
+                except OSError as exc:
+                    close_pipe(pipe)     # it may hold bytes that will never be sent
+                    return exc
+                except BaseException:
+                    close_pipe(pipe)     # killed mid-chunk (minimail is stopping)
+                    raise
+                if len(_pipes) < POOL_SIZE:
+                    _pipes.append(pipe)
+                else:
+                    close_pipe(pipe)
+                if count == 0:
+                    return None
+                if count:
+                    flow[0] += count
+                    in_a_row += 1
+                if count != CHUNK_SIZE or in_a_row >= YIELD_EVERY:
+                    in_a_row = 0
+                    break
+    finally:
+        readable.close()
+        writable.close()
 
 
-def move_through(pipe, src_fd, dst_fd):
-    """Move what waits on src_fd through an empty pipe to dst_fd: the byte count,
-    0 at the end of src, or None if nothing waits."""
+def move_through(pipe, src_fd, writable, hub):
+    """Move what waits on src_fd through an empty pipe to the writable watcher's
+    fd: the byte count, 0 at the end of src, or None if nothing waits."""
     try:
         count = os.splice(src_fd, pipe[1], CHUNK_SIZE, flags=SPLICE_FLAGS)
     except BlockingIOError:
@@ -758,19 +768,20 @@ def move_through(pipe, src_fd, dst_fd):
     left = count
     while left:
         try:
-            left -= os.splice(pipe[0], dst_fd, left, flags=SPLICE_FLAGS)
+            left -= os.splice(pipe[0], writable.fd, left, flags=SPLICE_FLAGS)
         except BlockingIOError:
-            wait_write(dst_fd)
+            hub.wait(writable)
     return count
 
 
 def splice_through_buffer(src, dst, flow):
     """splice_through_pipe's twin for systems without splice(2): recv_into a
     pooled buffer, then sendall."""
-    fd = src.fileno()
+    hub = gevent.get_hub()
+    readable = hub.loop.io(src.fileno(), READ)
     try:
         while True:
-            wait_read(fd)
+            hub.wait(readable)
             buf = _buffers.pop() if _buffers else mmap.mmap(-1, CHUNK_SIZE)
             try:
                 count = src.recv_into(buf)
@@ -784,6 +795,8 @@ def splice_through_buffer(src, dst, flow):
             flow[0] += count
     except OSError as exc:
         return exc
+    finally:
+        readable.close()
 
 
 splice = splice_through_pipe if hasattr(os, "splice") else splice_through_buffer
