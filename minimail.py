@@ -166,17 +166,17 @@ CHUNK_SIZE = 1024 * 1024
 YIELD_EVERY = 16
 #: libev's event masks for an io watcher.
 READ, WRITE = 1, 2
-#: At most this many idle pipes (or buffers) are kept for reuse while clients
-#: are connected; the pools are emptied when the last one leaves.
+#: At most this many idle pipes (or buffers) are kept for reuse while the
+#: tunnel is up; the pools are emptied when it stops.
 POOL_SIZE = 32
 #: splice(2) flags: move pages rather than copy them; never block on the pipe.
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 #: While the tunnel starts, a waiting client tries to connect this often (seconds)...
 POLL_FAST = 0.005
-#: ...for this long, as ssh is normally up by then; a start that takes longer
-#: is waited for more lazily, so that many waiting clients cost little.
+#: ...for this long, as ssh is normally up by then...
 POLL_FAST_FOR = 2.0
+#: ...and then this often, so that many clients waiting on a slow start cost little.
 POLL_SLOW = 0.05
 
 #: Seconds ssh gets to end by itself after its stdin closes, then to obey SIGTERM.

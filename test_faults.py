@@ -301,13 +301,19 @@ def test_sessions_that_outlast_the_drain_are_closed(tunnel_double):
     assert mm.tunnels() == []
 
 
-def test_a_second_signal_stops_at_once(tunnel_double):
+def draining(tunnel_double):
+    """minimail with one echo session open, told to stop: it waits for the session."""
     mm, _ = tunnel_double("echo", 0, "{port}")
     client = socket.create_connection(("127.0.0.1", mm.port), timeout=10)
     client.sendall(b"x")
-    assert client.recv(10) == b"x"
+    assert client.recv(1) == b"x"
     mm.proc.send_signal(signal.SIGTERM)
     mm.wait_for_log(r"waiting up to 10 s for 1 active session")
+    return mm, client
+
+
+def test_a_second_signal_stops_at_once(tunnel_double):
+    mm, client = draining(tunnel_double)
     signalled = time.monotonic()
     mm.proc.send_signal(signal.SIGINT)
     assert mm.proc.wait(timeout=10) == 0
@@ -316,12 +322,7 @@ def test_a_second_signal_stops_at_once(tunnel_double):
 
 
 def test_a_tunnel_that_dies_during_the_drain_is_not_started_again(tunnel_double):
-    mm, _ = tunnel_double("echo", 0, "{port}")
-    client = socket.create_connection(("127.0.0.1", mm.port), timeout=10)
-    client.sendall(b"x")
-    assert client.recv(1) == b"x"
-    mm.proc.send_signal(signal.SIGTERM)
-    mm.wait_for_log(r"waiting up to 10 s for 1 active session")
+    mm, client = draining(tunnel_double)
     (tunnel, _, _), = mm.tunnels()
     os.kill(tunnel, signal.SIGKILL)                      # as systemd's KillMode=control-group would
     assert mm.proc.wait(timeout=5) == 0
