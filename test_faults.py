@@ -267,6 +267,24 @@ def try_echo(port):
 # Stopping with sessions in flight
 # ---------------------------------------------------------------------------
 
+def echo_clients(port, count):
+    """count clients through an echo tunnel, each shown to get through."""
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
+    for client in clients:
+        client.sendall(b"x")
+        assert client.recv(1) == b"x"
+    return clients
+
+
+def draining(tunnel_double):
+    """minimail with one echo session open, told to stop: it waits for the session."""
+    mm, _ = tunnel_double("echo", 0, "{port}")
+    client, = echo_clients(mm.port, 1)
+    mm.proc.send_signal(signal.SIGTERM)
+    mm.wait_for_log(r"waiting up to 10 s for 1 active session")
+    return mm, client
+
+
 def test_sigterm_lets_active_sessions_finish_their_mail(via_ssh, hoster):
     mm = via_ssh()
     sessions = [smtplib.SMTP("127.0.0.1", mm.port, timeout=30) for _ in range(10)]
@@ -286,10 +304,7 @@ def test_sigterm_lets_active_sessions_finish_their_mail(via_ssh, hoster):
 
 def test_sessions_that_outlast_the_drain_are_closed(tunnel_double):
     mm, _ = tunnel_double("echo", 0, "{port}", options=["--drain", 1.5])
-    clients = [socket.create_connection(("127.0.0.1", mm.port), timeout=10) for _ in range(3)]
-    for client in clients:
-        client.sendall(b"still here")
-        assert client.recv(100) == b"still here"
+    clients = echo_clients(mm.port, 3)
     signalled = time.monotonic()
     mm.proc.send_signal(signal.SIGTERM)
     assert mm.proc.wait(timeout=10) == 0
@@ -299,17 +314,6 @@ def test_sessions_that_outlast_the_drain_are_closed(tunnel_double):
         assert client.recv(100) == b""                   # closed, not left hanging
         client.close()
     assert mm.tunnels() == []
-
-
-def draining(tunnel_double):
-    """minimail with one echo session open, told to stop: it waits for the session."""
-    mm, _ = tunnel_double("echo", 0, "{port}")
-    client = socket.create_connection(("127.0.0.1", mm.port), timeout=10)
-    client.sendall(b"x")
-    assert client.recv(1) == b"x"
-    mm.proc.send_signal(signal.SIGTERM)
-    mm.wait_for_log(r"waiting up to 10 s for 1 active session")
-    return mm, client
 
 
 def test_a_second_signal_stops_at_once(tunnel_double):
@@ -361,10 +365,7 @@ def test_a_client_that_resets_is_logged_not_a_traceback(tunnel_double):
 
 def test_more_than_max_clients_get_421_at_once(tunnel_double):
     mm, _ = tunnel_double("echo", 0, "{port}", options=["--max-clients", 2])
-    held = [socket.create_connection(("127.0.0.1", mm.port), timeout=10) for _ in range(2)]
-    for client in held:
-        client.sendall(b"a")
-        assert client.recv(1) == b"a"
+    held = echo_clients(mm.port, 2)
     with socket.create_connection(("127.0.0.1", mm.port), timeout=10) as third:
         assert read_until_eof(third, timeout=3) == b"421 4.3.2 minimail: too many clients, try again later\r\n"
     held.pop().close()
