@@ -914,7 +914,7 @@ class Forwarder(StreamServer):
         try:
             session.upstream = self.tunnel.connect(self.settings.wait, lambda: client_gone(client))
             try:
-                self.splice_pair(session, self.tunnel.died)
+                self.splice_pair(session)
             finally:
                 session.upstream.close()
         except TunnelUnavailable as exc:
@@ -925,7 +925,7 @@ class Forwarder(StreamServer):
         finally:
             self.tunnel.release()
 
-    def splice_pair(self, session, tunnel_died):
+    def splice_pair(self, session):
         """Copy both ways until both directions end, one fails, the tunnel dies
         under them, or the session idles too long.  The caller closes the sockets.
 
@@ -933,6 +933,7 @@ class Forwarder(StreamServer):
         way: a held client costs two parked greenlets.  The idle timer and the
         tunnel's death are callbacks, which end the session (Session.end)."""
         client, upstream = session.client, session.upstream
+        tunnel_died = self.tunnel.died        # of the child this session went through
         up = gevent.spawn(copy_up, session)
         idle = IdleTimer(session, self.settings.idle_timeout)
         tunnel_ended = session.end_with_tunnel
