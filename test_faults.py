@@ -27,12 +27,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-# The real parts and helpers are the ones test_minimail.py defines; importing the
-# fixtures by name makes pytest offer them here too.
-from test_minimail import (  # noqa: F401  (fixtures are used by name)
-    AS_ROOT, MINIMAIL, TUNNEL_DOUBLE, Hoster, Minimail, Sshd, child_processes, free_port,
-    hoster, make_message, minimail_command, minimail_process, need, read_until_eof,
-    run_dir, send_mail, tunnel_double, wait_until)
+from conftest import (
+    AS_ROOT, TUNNEL_DOUBLE, Minimail, Sshd, descendants, free_port, make_message, minimail_command,
+    read_until_eof, send_mail, wait_until)
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +46,6 @@ def via_ssh(own_sshd, hoster, minimail_process):
         return minimail_process("--ssh", own_sshd.ssh, "--remote", f"127.0.0.1:{hoster.port}",
                                 "--linger", linger, "--jitter", 0, *args, "hoster")
     return start
-
-
-def descendants(pid):
-    """All processes below pid."""
-    found, todo = [], [pid]
-    while todo:
-        children = [child for child, _, _ in child_processes(todo.pop())]
-        found += children
-        todo += children
-    return found
 
 
 def send_signal(pid, signum):
