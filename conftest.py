@@ -269,6 +269,17 @@ def minimail_process(tmp_path):
         assert process.tunnels() == [], "a tunnel process outlived minimail"
 
 
+def minimail_via(sshd, hoster, minimail_process, linger):
+    """A function that starts minimail in front of sshd, tunnelling to the hoster:
+    start(*args, linger=linger, remote=None, ssh=None), where remote and ssh replace
+    the hoster's address and sshd's --ssh value."""
+    def start(*args, linger=linger, remote=None, ssh=None):
+        return minimail_process("--ssh", ssh or sshd.ssh,
+                                "--remote", remote or f"127.0.0.1:{hoster.port}",
+                                "--linger", linger, "--jitter", 0, *args, "hoster")
+    return start
+
+
 # ---------------------------------------------------------------------------
 # A stand-in tunnel, for tests that need no ssh
 # ---------------------------------------------------------------------------

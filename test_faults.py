@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import (
     AS_ROOT, TUNNEL_DOUBLE, Minimail, Sshd, descendants, free_port, make_message, minimail_command,
-    read_until_eof, send_mail, wait_until)
+    minimail_via, read_until_eof, send_mail, wait_until)
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +42,8 @@ def own_sshd(tmp_path_factory):
 
 @pytest.fixture
 def via_ssh(own_sshd, hoster, minimail_process):
-    def start(*args, linger=30):
-        return minimail_process("--ssh", own_sshd.ssh, "--remote", f"127.0.0.1:{hoster.port}",
-                                "--linger", linger, "--jitter", 0, *args, "hoster")
-    return start
+    """Start minimail in front of this module's sshd, tunnelling to the hoster."""
+    return minimail_via(own_sshd, hoster, minimail_process, linger=30)
 
 
 def send_signal(pid, signum):
@@ -167,15 +165,13 @@ def test_a_stopped_ssh_costs_clients_only_the_idle_timeout_and_is_killed(via_ssh
     assert hoster.bodies() == [make_message("after-the-stop")]
 
 
-def test_a_rejected_key_gets_421_at_once_and_is_not_hammered(own_sshd, hoster, minimail_process,
-                                                              tmp_path):
+def test_a_rejected_key_gets_421_at_once_and_is_not_hammered(via_ssh, own_sshd, hoster, tmp_path):
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "stranger")],
                    check=True, timeout=30)
     config = tmp_path / "ssh_config"
     config.write_text(own_sshd.config.read_text().replace(f"{own_sshd.root}/client_key",
                                                          f"{tmp_path}/stranger"))
-    mm = minimail_process("--ssh", f"ssh -F {config}", "--remote", f"127.0.0.1:{hoster.port}",
-                          "--wait", 20, "hoster")
+    mm = via_ssh("--wait", 20, ssh=f"ssh -F {config}")
     replies, slowest, until = 0, 0.0, time.monotonic() + 6
     while time.monotonic() < until and replies < 300:   # a client every 20 ms for 6 s
         asked = time.monotonic()

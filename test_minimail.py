@@ -29,16 +29,13 @@ import pytest
 import minimail
 from conftest import (
     AS_ROOT, MINIMAIL, SWAKS, alive, child_processes, free_port, make_message, minimail_command,
-    need, proc_status, read_until_eof, send_mail, wait_until)
+    minimail_via, need, proc_status, read_until_eof, send_mail, wait_until)
 
 
 @pytest.fixture
 def through_ssh(sshd, hoster, minimail_process):
     """Start minimail in front of the test sshd, tunnelling to the hoster."""
-    def start(*args, linger=5, remote=None):
-        return minimail_process("--ssh", sshd.ssh, "--remote", remote or f"127.0.0.1:{hoster.port}",
-                                "--linger", linger, "--jitter", 0, *args, "hoster")
-    return start
+    return minimail_via(sshd, hoster, minimail_process, linger=5)
 
 
 # ---------------------------------------------------------------------------
@@ -159,8 +156,7 @@ def test_a_session_longer_than_linger_is_not_cut(through_ssh, hoster):
     assert mm.tunnel_starts() == 1
 
 
-def test_an_account_that_may_run_no_command_gets_ssh_minus_n(sshd, hoster, minimail_process,
-                                                              tmp_path):
+def test_an_account_that_may_run_no_command_gets_ssh_minus_n(through_ssh, sshd, hoster, tmp_path):
     key = tmp_path / "forced_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
                    check=True, timeout=30)
@@ -171,8 +167,7 @@ def test_an_account_that_may_run_no_command_gets_ssh_minus_n(sshd, hoster, minim
     config = tmp_path / "ssh_config"
     config.write_text(sshd.config.read_text().replace(f"{sshd.root}/client_key", str(key)))
     try:
-        mm = minimail_process("--ssh", f"ssh -F {config}", "--remote", f"127.0.0.1:{hoster.port}",
-                              "--linger", 30, "--jitter", 0, "hoster")
+        mm = through_ssh(linger=30, ssh=f"ssh -F {config}")
         send_mail(mm.port, make_message("forced-0"))      # the session ended at once, but ssh
         mm.wait_for_log(r"the remote command ended by itself \(exited with code 0")  # forwarded
         for i in (1, 2):                                  # the next clients get a working tunnel
