@@ -331,31 +331,37 @@ while True:
 
 
 @pytest.fixture
-def tunnel_double(tmp_path, minimail_process):
-    """Start minimail with the stand-in tunnel command; returns (minimail, tunnel port)."""
+def double_script(tmp_path):
+    """TUNNEL_DOUBLE written to a file that any user may read; its path."""
     script = tmp_path / "tunnel_double.py"
     script.write_text(TUNNEL_DOUBLE)
+    script.chmod(0o644)
+    return script
 
+
+def double_options(script, *command):
+    """(tunnel port, minimail's options that run `python script COMMAND...` as the tunnel
+    on that port); "{port}" in a word of command stands for the port."""
+    port = free_port()
+    words = [sys.executable, script, *[str(w).format(port=port) for w in command]]
+    return port, ["--tunnel-port", port, "--tunnel-command", " ".join(map(str, words))]
+
+
+@pytest.fixture
+def tunnel_double(double_script, minimail_process):
+    """Start minimail with the stand-in tunnel command; returns (minimail, tunnel port)."""
     def start(*command, linger=5, wait=30, options=()):
-        port = free_port()
-        words = [sys.executable, script, *[str(w).format(port=port) for w in command]]
-        mm = minimail_process("--tunnel-port", port, "--tunnel-command", " ".join(map(str, words)),
-                              "--linger", linger, "--jitter", 0, "--wait", wait, *options)
+        port, tunnel = double_options(double_script, *command)
+        mm = minimail_process(*tunnel, "--linger", linger, "--jitter", 0, "--wait", wait, *options)
         return mm, port
     return start
 
 
 @pytest.fixture
-def tunnel_script(tmp_path):
+def tunnel_script(double_script):
     """The stand-in tunnel's options: --tunnel-port PORT --tunnel-command "python double.py ..."."""
-    script = tmp_path / "tunnel_double.py"
-    script.write_text(TUNNEL_DOUBLE)
-    script.chmod(0o644)
-
     def options(*command):
-        port = free_port()
-        words = [sys.executable, script, *[str(w).format(port=port) for w in command]]
-        return ["--tunnel-port", port, "--tunnel-command", " ".join(map(str, words))]
+        return double_options(double_script, *command)[1]
     return options
 
 

@@ -28,8 +28,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import (
-    AS_ROOT, TUNNEL_DOUBLE, Minimail, Sshd, descendants, free_port, make_message, minimail_command,
-    minimail_via, read_until_eof, send_mail, wait_until)
+    AS_ROOT, Minimail, Sshd, descendants, free_port, make_message, minimail_command, minimail_via,
+    read_until_eof, send_mail, wait_until)
 
 
 @pytest.fixture(scope="module")
@@ -208,11 +208,10 @@ def logged_times(logfile, pattern):
 
 
 def test_a_tunnel_that_dies_at_once_backs_off_1_2_4_seconds_and_resets_after_success(
-        run_dir, tmp_path):
-    flag, double = tmp_path / "works", tmp_path / "tunnel_double.py"
-    double.write_text(TUNNEL_DOUBLE)
+        run_dir, tmp_path, double_script):
+    flag = tmp_path / "works"
     tunnel_port = free_port()
-    command = (f"sh -c 'test -e {flag} && exec {sys.executable} {double} echo 0 {tunnel_port}; "
+    command = (f"sh -c 'test -e {flag} && exec {sys.executable} {double_script} echo 0 {tunnel_port}; "
                f"echo no tunnel today >&2; exit 3'")
     port = start_daemon(run_dir, "--tunnel-port", tunnel_port, "--tunnel-command", command,
                         "--linger", 0.5, "--jitter", 0)
