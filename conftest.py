@@ -111,9 +111,8 @@ class Sshd:
         need("sshd (openssh-server)", SSHD)
         self.root = root
         self.port = free_port()
-        run = lambda *argv: subprocess.run(argv, check=True, capture_output=True, timeout=30)
-        run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "host_key"))
-        run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "client_key"))
+        new_ssh_key(root / "host_key")
+        new_ssh_key(root / "client_key")
         shutil.copy(root / "client_key.pub", root / "authorized_keys")
         host_key = (root / "host_key.pub").read_text().split()[:2]
         (root / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {' '.join(host_key)}\n")
@@ -169,6 +168,22 @@ Host *
     def stop(self):
         self.proc.terminate()
         self.proc.wait(timeout=10)
+
+
+def new_ssh_key(path):
+    """A new ed25519 key pair with no passphrase: path and path.pub."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
+                   check=True, capture_output=True, timeout=30)
+
+
+def ssh_config_with_key(sshd, directory, name):
+    """A new key directory/name, and a copy of sshd's ssh_config that logs in with it
+    instead of the client key sshd lets in: (config path, key path)."""
+    key = directory / name
+    new_ssh_key(key)
+    config = directory / f"{name}.ssh_config"
+    config.write_text(sshd.config.read_text().replace(f"{sshd.root}/client_key", str(key)))
+    return config, key
 
 
 class HosterController(Controller):

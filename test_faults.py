@@ -17,7 +17,6 @@ import signal
 import smtplib
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -29,7 +28,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import (
     AS_ROOT, Minimail, Sshd, descendants, free_port, make_message, minimail_command, minimail_via,
-    read_until_eof, send_mail, wait_until)
+    read_until_eof, send_mail, ssh_config_with_key, wait_until)
 
 
 @pytest.fixture(scope="module")
@@ -166,11 +165,7 @@ def test_a_stopped_ssh_costs_clients_only_the_idle_timeout_and_is_killed(via_ssh
 
 
 def test_a_rejected_key_gets_421_at_once_and_is_not_hammered(via_ssh, own_sshd, hoster, tmp_path):
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "stranger")],
-                   check=True, timeout=30)
-    config = tmp_path / "ssh_config"
-    config.write_text(own_sshd.config.read_text().replace(f"{own_sshd.root}/client_key",
-                                                         f"{tmp_path}/stranger"))
+    config, _ = ssh_config_with_key(own_sshd, tmp_path, "stranger")
     mm = via_ssh("--wait", 20, ssh=f"ssh -F {config}")
     replies, slowest, until = 0, 0.0, time.monotonic() + 6
     while time.monotonic() < until and replies < 300:   # a client every 20 ms for 6 s

@@ -29,7 +29,8 @@ import pytest
 import minimail
 from conftest import (
     AS_ROOT, MINIMAIL, SWAKS, alive, child_processes, free_port, make_message, minimail_command,
-    minimail_via, need, proc_status, read_until_eof, send_mail, wait_until)
+    minimail_via, need, proc_status, read_until_eof, send_mail, ssh_config_with_key,
+    wait_until)
 
 
 @pytest.fixture
@@ -157,15 +158,11 @@ def test_a_session_longer_than_linger_is_not_cut(through_ssh, hoster):
 
 
 def test_an_account_that_may_run_no_command_gets_ssh_minus_n(through_ssh, sshd, hoster, tmp_path):
-    key = tmp_path / "forced_key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
-                   check=True, timeout=30)
+    config, key = ssh_config_with_key(sshd, tmp_path, "forced_key")
     entry = f'command="/bin/true" {Path(f"{key}.pub").read_text()}'
     authorized = sshd.root / "authorized_keys"
     original = authorized.read_text()
     authorized.write_text(original + entry)              # a forced command ends every session
-    config = tmp_path / "ssh_config"
-    config.write_text(sshd.config.read_text().replace(f"{sshd.root}/client_key", str(key)))
     try:
         mm = through_ssh(linger=30, ssh=f"ssh -F {config}")
         send_mail(mm.port, make_message("forced-0"))      # the session ended at once, but ssh
@@ -586,10 +583,7 @@ def test_check_names_an_unknown_host_key(check_setup):
 
 
 def test_check_names_a_rejected_key(check_setup, sshd, tmp_path):
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "stranger")],
-                   check=True, timeout=30)
-    config = tmp_path / "ssh_config"
-    config.write_text(sshd.config.read_text().replace(f"{sshd.root}/client_key", f"{tmp_path}/stranger"))
+    config, _ = ssh_config_with_key(sshd, tmp_path, "stranger")
     result = check_setup(ssh=f"ssh -F {config}")
     assert result.returncode == 1
     assert "ok    the hoster's host key is known" in result.stdout
