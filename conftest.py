@@ -403,6 +403,17 @@ def run_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
+def start_daemon(run_dir, *args):
+    """`minimail start` on a free port, its pid file minimail.pid and its log file
+    minimail.log (timestamped) in run_dir; the port it listens on."""
+    port = free_port()
+    result = minimail_command("start", *AS_ROOT, "--listen", f"127.0.0.1:{port}",
+                              "--pidfile", run_dir / "minimail.pid",
+                              "--logfile", run_dir / "minimail.log", *args)
+    assert result.returncode == 0, result.stderr
+    return port
+
+
 # ---------------------------------------------------------------------------
 # Helpers that act like a mail client
 # ---------------------------------------------------------------------------

@@ -27,8 +27,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import (
-    AS_ROOT, Minimail, Sshd, descendants, free_port, make_message, minimail_command, minimail_via,
-    read_until_eof, send_mail, ssh_config_with_key, wait_until)
+    Minimail, Sshd, descendants, free_port, make_message, minimail_command, minimail_via,
+    read_until_eof, send_mail, ssh_config_with_key, start_daemon, wait_until)
 
 
 @pytest.fixture(scope="module")
@@ -181,16 +181,6 @@ def test_a_rejected_key_gets_421_at_once_and_is_not_hammered(via_ssh, own_sshd, 
     assert 2 <= starts <= 4, f"{starts} logins in 6 s"   # backoff 1, 2, 4 s: starts at 0, 1, 3
     assert len(re.findall(r"ssh\[\d+\]: .*Permission denied \(publickey\)", mm.log())) == starts
     assert hoster.messages == []
-
-
-def start_daemon(run_dir, *args):
-    """minimail as a daemon, whose log file has timestamps."""
-    port = free_port()
-    result = minimail_command("start", *AS_ROOT, "--listen", f"127.0.0.1:{port}",
-                              "--pidfile", run_dir / "minimail.pid",
-                              "--logfile", run_dir / "minimail.log", *args)
-    assert result.returncode == 0, result.stderr
-    return port
 
 
 def logged_times(logfile, pattern):

@@ -30,7 +30,7 @@ import minimail
 from conftest import (
     AS_ROOT, MINIMAIL, SWAKS, alive, child_processes, free_port, make_message, minimail_command,
     minimail_via, need, proc_status, read_until_eof, send_mail, ssh_config_with_key,
-    wait_until)
+    start_daemon, wait_until)
 
 
 @pytest.fixture
@@ -383,11 +383,7 @@ def test_a_stale_pid_file_is_not_trusted(run_dir, tunnel_script):
         try:
             pidfile.write_text(f"{other.pid}\n")
             assert minimail_command("status", "--pidfile", pidfile).returncode == 3
-            port = free_port()
-            started = minimail_command("start", *AS_ROOT, "--listen", f"127.0.0.1:{port}",
-                                       "--pidfile", pidfile, "--logfile", run_dir / "log",
-                                       *tunnel_script("echo", 0, "{port}"))
-            assert started.returncode == 0, started.stderr
+            start_daemon(run_dir, *tunnel_script("echo", 0, "{port}"))
             assert int(pidfile.read_text()) != other.pid
             assert other.poll() is None               # and that program was left alone
         finally:
@@ -419,9 +415,8 @@ def test_restart_replaces_the_daemon(run_dir, tunnel_script):
 
 
 def test_sighup_reopens_the_log_file(run_dir, tunnel_script):
-    pidfile, logfile, port = run_dir / "minimail.pid", run_dir / "minimail.log", free_port()
-    assert minimail_command("start", *AS_ROOT, "--listen", f"127.0.0.1:{port}", "--pidfile", pidfile,
-                            "--logfile", logfile, *tunnel_script("echo", 0, "{port}")).returncode == 0
+    pidfile, logfile = run_dir / "minimail.pid", run_dir / "minimail.log"
+    port = start_daemon(run_dir, *tunnel_script("echo", 0, "{port}"))
     logfile.rename(run_dir / "minimail.log.1")             # what logrotate does
     os.kill(int(pidfile.read_text()), signal.SIGHUP)
     wait_until(logfile.exists, 5, "a new log file")
