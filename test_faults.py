@@ -1,11 +1,11 @@
 """minimail under faults: what the network, ssh and clients throw at it.
 
 Like test_minimail.py, these run the real program against a real sshd, a real
-SMTP server and real clients, on loopback, each bounded in time.  Faults are
-injected from outside, as they happen in life: ssh killed or hung, a hoster
-that rejects the key, a tunnel command that dies at once, clients that idle,
-crowd in or leave early, SIGTERM in the middle of sessions, and a soak of
-thousands of sessions after which nothing may be left behind.
+SMTP server and real clients (all from conftest.py), on loopback, each bounded
+in time.  Faults are injected from outside, as they happen in life: ssh killed
+or hung, a hoster that rejects the key, a tunnel command that dies at once,
+clients that idle, crowd in or leave early, SIGTERM in the middle of sessions,
+and a soak of thousands of sessions after which nothing may be left behind.
 """
 
 import hashlib

@@ -6,6 +6,7 @@ host and client keys in a temp dir) and a real SMTP server standing in for the
 hoster (aiosmtpd), then talks to it with real SMTP clients (smtplib, swaks)
 and looks at what the user would see: the mail that arrived, the replies, the
 log, the processes.  All traffic stays on loopback; every wait is bounded.
+The real parts and the helpers that act like a client are in conftest.py.
 """
 
 import hashlib
