@@ -31,6 +31,9 @@ SWAKS = shutil.which("swaks")
 IN_CI = bool(os.environ.get("CI"))
 #: As root, minimail runs its tunnel as root only when told so.
 AS_ROOT = ["--user", "root"] if os.geteuid() == 0 else []
+#: No settings file of this machine's (/etc/default/minimail, ~/.config/minimail)
+#: may reach the minimail under test: an empty one stands in.
+os.environ["MINIMAIL_CONFIG"] = os.devnull
 
 
 def need(tool, path):
@@ -218,8 +221,10 @@ class Minimail:
     def __init__(self, args, log_path):
         self.port = free_port()
         self.log_path = log_path
+        self.queue = log_path.with_suffix(".queue")      # never the machine's own queue
+        queue = [] if {"--queue", "--no-queue"} & set(args) else ["--queue", str(self.queue)]
         self.argv = [sys.executable, str(MINIMAIL), "--foreground",
-                     "--listen", f"127.0.0.1:{self.port}", *AS_ROOT, *args]
+                     "--listen", f"127.0.0.1:{self.port}", *AS_ROOT, *queue, *args]
         with open(log_path, "wb") as log_file:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=log_file)
@@ -304,7 +309,7 @@ def minimail_via(sshd, hoster, minimail_process, linger):
 #:   greet PORT FILE  -- send 1 MiB and half-close; then sink until EOF and
 #:                       write "<length> <sha256>" of what arrived to FILE
 TUNNEL_DOUBLE = r'''
-import hashlib, socket, sys, threading, time
+import hashlib, os, socket, sys, threading, time
 
 def echo(conn):
     try:
@@ -328,8 +333,9 @@ def greet(conn, path):
             break
         digest.update(data)
         length += len(data)
-    with open(path, "w") as out:
+    with open(path + ".tmp", "w") as out:      # whole, or not there
         out.write(f"{length} {digest.hexdigest()}")
+    os.rename(path + ".tmp", path)
     conn.close()
 
 mode = sys.argv[1]
@@ -409,7 +415,8 @@ def start_daemon(run_dir, *args):
     port = free_port()
     result = minimail_command("start", *AS_ROOT, "--listen", f"127.0.0.1:{port}",
                               "--pidfile", run_dir / "minimail.pid",
-                              "--logfile", run_dir / "minimail.log", *args)
+                              "--logfile", run_dir / "minimail.log",
+                              "--queue", run_dir / "queue", *args)
     assert result.returncode == 0, result.stderr
     return port
 

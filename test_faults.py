@@ -166,7 +166,7 @@ def test_a_stopped_ssh_costs_clients_only_the_idle_timeout_and_is_killed(via_ssh
 
 def test_a_rejected_key_gets_421_at_once_and_is_not_hammered(via_ssh, own_sshd, hoster, tmp_path):
     config, _ = ssh_config_with_key(own_sshd, tmp_path, "stranger")
-    mm = via_ssh("--wait", 20, ssh=f"ssh -F {config}")
+    mm = via_ssh("--no-queue", "--wait", 20, ssh=f"ssh -F {config}")
     replies, slowest, until = 0, 0.0, time.monotonic() + 6
     while time.monotonic() < until and replies < 300:   # a client every 20 ms for 6 s
         asked = time.monotonic()
@@ -198,8 +198,8 @@ def test_a_tunnel_that_dies_at_once_backs_off_1_2_4_seconds_and_resets_after_suc
     tunnel_port = free_port()
     command = (f"sh -c 'test -e {flag} && exec {sys.executable} {double_script} echo 0 {tunnel_port}; "
                f"echo no tunnel today >&2; exit 3'")
-    port = start_daemon(run_dir, "--tunnel-port", tunnel_port, "--tunnel-command", command,
-                        "--linger", 0.5, "--jitter", 0)
+    port = start_daemon(run_dir, "--no-queue", "--tunnel-port", tunnel_port,
+                        "--tunnel-command", command, "--linger", 0.5, "--jitter", 0)
     until = time.monotonic() + 8.5
     while time.monotonic() < until:                      # clients keep coming for 8.5 s
         with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
@@ -445,7 +445,7 @@ def test_soak_2000_sessions_in_a_row_and_300_at_once_leave_nothing_behind(via_ss
 #:   "send N TOKEN"    -- send N pseudo-random bytes and half-close, then read to
 #:                        EOF and write "<length> <sha256>" of it to TOKEN.out
 FAR_SIDE = r'''
-import hashlib, random, socket, sys, threading
+import hashlib, os, random, socket, sys, threading
 
 def serve(conn, out_dir):
     reader = conn.makefile("rb")
@@ -468,8 +468,9 @@ def serve(conn, out_dir):
                 break
             digest.update(data)
             length += len(data)
-        with open(f"{out_dir}/{token}.out", "w") as out:
+        with open(f"{out_dir}/{token}.tmp", "w") as out:     # whole, or not there
             out.write(f"{length} {digest.hexdigest()}")
+        os.rename(f"{out_dir}/{token}.tmp", f"{out_dir}/{token}.out")
     conn.close()
 
 listener = socket.create_server(("127.0.0.1", int(sys.argv[1])))

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 import minimail
+from docopt import docopt
 from conftest import (
     AS_ROOT, MINIMAIL, SWAKS, alive, child_processes, free_port, make_message, minimail_command,
     minimail_via, need, proc_status, read_until_eof, send_mail, ssh_config_with_key,
@@ -231,7 +232,7 @@ def test_half_close_from_the_far_side_passes_through(tunnel_double, tmp_path):
 
 def test_ssh_that_cannot_connect_gives_421_within_wait(through_ssh, hoster):
     closed_port = free_port()
-    mm = through_ssh("--wait", 5, "-o", f"Port={closed_port}")
+    mm = through_ssh("--no-queue", "--wait", 5, "-o", f"Port={closed_port}")
     started = time.monotonic()
     with pytest.raises(smtplib.SMTPConnectError) as refused:
         smtplib.SMTP("127.0.0.1", mm.port, timeout=30)
@@ -248,7 +249,8 @@ def test_ssh_that_cannot_connect_gives_421_within_wait(through_ssh, hoster):
 
 
 def test_a_tunnel_that_never_accepts_gives_421_at_wait(tunnel_double):
-    mm, _ = tunnel_double("echo", 60, "{port}", wait=1)   # listens only after a minute
+    mm, _ = tunnel_double("echo", 60, "{port}", wait=1,   # listens only after a minute
+                          options=["--no-queue"])
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", mm.port), timeout=10) as client:
         reply = read_until_eof(client)
@@ -259,7 +261,7 @@ def test_a_tunnel_that_never_accepts_gives_421_at_wait(tunnel_double):
 
 
 def test_a_far_side_that_refuses_gives_421(through_ssh, hoster):
-    mm = through_ssh(remote=f"127.0.0.1:{free_port()}")         # nothing listens there
+    mm = through_ssh("--no-queue", remote=f"127.0.0.1:{free_port()}")   # nothing listens there
     with pytest.raises(smtplib.SMTPConnectError) as refused:
         smtplib.SMTP("127.0.0.1", mm.port, timeout=30)
     assert refused.value.smtp_code == 421
@@ -339,7 +341,7 @@ def test_start_status_mail_stop_as_a_daemon(sshd, hoster, run_dir):
     port = free_port()
     started = minimail_command(
         "start", *AS_ROOT, "--listen", f"127.0.0.1:{port}", "--pidfile", pidfile, "--logfile", logfile,
-        "--ssh", sshd.ssh, "--remote", f"127.0.0.1:{hoster.port}", "--linger", 30, "hoster")
+        "--queue", run_dir / "queue", "--ssh", sshd.ssh, "--remote", f"127.0.0.1:{hoster.port}", "--linger", 30, "hoster")
     assert started.returncode == 0, started.stderr
     pid = int(pidfile.read_text())
     assert started.stdout == f"minimail started (pid {pid}), listening on 127.0.0.1:{port}; log: {logfile}\n"
@@ -400,7 +402,8 @@ def test_stop_with_no_daemon_says_so(run_dir):
 def test_restart_replaces_the_daemon(run_dir, tunnel_script):
     pidfile, port = run_dir / "minimail.pid", free_port()
     args = [*AS_ROOT, "--listen", f"127.0.0.1:{port}", "--pidfile", pidfile,
-            "--logfile", run_dir / "log", *tunnel_script("echo", 0, "{port}")]
+            "--logfile", run_dir / "log", "--queue", run_dir / "queue",
+            *tunnel_script("echo", 0, "{port}")]
     assert minimail_command("start", *args).returncode == 0
     first = int(pidfile.read_text())
     again = minimail_command("start", *args)
@@ -436,12 +439,14 @@ root_only = pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges ne
 @root_only
 def test_started_as_root_it_becomes_the_user_for_good(run_dir):
     nobody = pwd.getpwnam("nobody")
-    pidfile, port, tunnel_port = run_dir / "minimail.pid", free_port(), free_port()
+    # in a directory minimail makes, and so hands to nobody (as /run/minimail)
+    pidfile, port, tunnel_port = run_dir / "run" / "minimail.pid", free_port(), free_port()
     socat = shutil.which("socat")
     need("socat", socat)
     started = minimail_command(
         "start", "--user", "nobody", "--listen", f"127.0.0.1:{port}", "--pidfile", pidfile,
-        "--logfile", run_dir / "minimail.log", "--tunnel-port", tunnel_port, "--tunnel-command",
+        "--logfile", run_dir / "minimail.log", "--queue", run_dir / "queue",
+        "--tunnel-port", tunnel_port, "--tunnel-command",
         f"{socat} TCP-LISTEN:{tunnel_port},bind=127.0.0.1,reuseaddr,fork SYSTEM:'echo 220 ok'")
     assert started.returncode == 0, started.stderr
     pid = int(pidfile.read_text())
@@ -478,7 +483,7 @@ def test_a_port_that_needs_root_names_the_ways_out(monkeypatch):
     def refuse(sock, address):
         raise PermissionError(13, "Permission denied")
     monkeypatch.setattr(socket.socket, "bind", refuse)
-    settings = minimail.Settings(minimail.docopt(minimail.__doc__, ["--foreground", "me@host"]))
+    settings = minimail.Settings(docopt(minimail.__doc__, ["--foreground", "me@host"]))
     with pytest.raises(minimail.Fatal) as refused:
         minimail.bind(settings)
     assert str(refused.value) == (
@@ -613,7 +618,7 @@ def test_every_documented_option_is_understood():
             "--jitter", "2", "--wait", "3", "--idle-timeout", "4", "--max-clients", "5",
             "--drain", "6", "--ssh", "ssh -F cfg", "-o", "A=1", "-o", "B=2", "--no-session",
             "-v", "me@hoster"]
-    settings = minimail.Settings(minimail.docopt(minimail.__doc__, argv))
+    settings = minimail.Settings(docopt(minimail.__doc__, argv))
     assert settings.listen == (socket.AF_INET6, "::1", 2525)
     assert (settings.tunnel_port, settings.remote, settings.destination) == (2600, "mail:587", "me@hoster")
     assert (settings.linger, settings.jitter, settings.wait, settings.idle_timeout,
@@ -652,8 +657,8 @@ def test_both_ways_of_copying_move_every_byte_and_report_the_end(copy):
     payload = os.urandom(3_000_000)
     src_near, src_far = gevent.socket.socketpair()
     dst_near, dst_far = gevent.socket.socketpair()
-    flow = [0]
-    copier = gevent.spawn(copy, src_far, dst_near, flow)
+    flow, pool = minimail.Flow(), minimail.PipePool() if "pipe" in copy.__name__ else minimail.BufferPool()
+    copier = gevent.spawn(copy, src_far, dst_near, flow, pool)
     def write_all():
         src_near.sendall(payload)
         src_near.shutdown(socket.SHUT_WR)
@@ -667,20 +672,24 @@ def test_both_ways_of_copying_move_every_byte_and_report_the_end(copy):
         received.append(chunk)
         if sum(map(len, received)) == len(payload):
             break
-    assert copier.get(timeout=10) is None and writer.get(timeout=10) is None   # at end of src
-    assert b"".join(received) == payload and flow == [len(payload)]
+    assert copier.get(timeout=10) is minimail.AT_END and writer.get(timeout=10) is None
+    assert b"".join(received) == payload and flow.count == len(payload)
     src_near, src_far = gevent.socket.socketpair()
     dst_far.close()                                   # the far side is gone
     src_near.sendall(b"x" * 1000)                      # fits in the socket's buffer
-    failure = gevent.spawn(copy, src_far, dst_near, [0]).get(timeout=10)
+    failure = gevent.spawn(copy, src_far, dst_near, minimail.Flow(), pool).get(timeout=10)
     assert isinstance(failure, (BrokenPipeError, ConnectionResetError))
+    pool.empty()
 
 
 def test_ssh_argv_keeps_safety_options_first_and_holds_a_session():
-    argv = minimail.ssh_argv(["ssh", "-F", "cfg"], ["BatchMode=no", "ServerAliveInterval=2"],
+    argv = minimail.ssh_argv(["ssh", "-oBatchMode=no", "-F", "cfg"],
+                             ["BatchMode=no", "ServerAliveInterval=2"],
                              "/run/mm/tunnel.sock:localhost:25", "me@hoster", session=True)
     options = [argv[i + 1] for i, word in enumerate(argv) if word == "-o"]
-    assert argv[:4] == ["ssh", "-F", "cfg", "-T"]
+    # right after the program's name, ahead of --ssh's own arguments (ssh keeps the first value)
+    assert argv[:5] == ["ssh", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes"]
+    assert argv[5:9] == ["-oBatchMode=no", "-F", "cfg", "-T"]
     assert options.index("BatchMode=yes") < options.index("BatchMode=no")
     assert options.index("ServerAliveInterval=2") < options.index("ServerAliveInterval=15")
     assert {"ExitOnForwardFailure=yes", "ControlMaster=no", "ControlPath=none",
