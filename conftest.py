@@ -300,6 +300,12 @@ def minimail_via(sshd, hoster, minimail_process, linger):
     return start
 
 
+@pytest.fixture
+def through_ssh(sshd, hoster, minimail_process):
+    """Start minimail in front of the test sshd, tunnelling to the hoster."""
+    return minimail_via(sshd, hoster, minimail_process, linger=5)
+
+
 # ---------------------------------------------------------------------------
 # A stand-in tunnel, for tests that need no ssh
 # ---------------------------------------------------------------------------
@@ -419,6 +425,15 @@ def start_daemon(run_dir, *args):
                               "--queue", run_dir / "queue", *args)
     assert result.returncode == 0, result.stderr
     return port
+
+
+@pytest.fixture
+def check_setup(sshd, hoster, tmp_path):
+    """`minimail check` against the test sshd, with one thing changed."""
+    def check(*args, ssh=None, remote=None):
+        return minimail_command("check", *AS_ROOT, "--ssh", ssh or sshd.ssh,
+                                "--remote", remote or f"127.0.0.1:{hoster.port}", *args, "hoster")
+    return check
 
 
 # ---------------------------------------------------------------------------

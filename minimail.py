@@ -1607,6 +1607,7 @@ class Forwarder:
         self.bytes_to_clients = 0
         self.heard = collections.Counter()  # far-side bytes of ended sessions, per child
         self.pool = PipePool() if splice is splice_through_pipe else BufferPool()
+        self.buffers = BufferPool()         # when no descriptor is left for a pipe
         self.started_at = time.time()       # wall clock, for status
         self.closing = False
         self.fd_warned_at = -FD_WARN_EVERY
@@ -1805,7 +1806,7 @@ class Forwarder:
         died, ended = session.child.died, self.tunnel_ended(session)
         died.rawlink(ended)
         try:
-            result = splice(session.upstream, session.client, session.received, self.pool)
+            result = self.copy(session.upstream, session.client, session.received)
             if result is AT_END:
                 shutdown_write(session.client)
             else:
@@ -1818,9 +1819,17 @@ class Forwarder:
             if up is not None:
                 up.kill()
 
+    def copy(self, src, dst, flow):
+        """splice(2) through a pooled pipe; through a buffer once no descriptor
+        is left for a pipe (nothing has been read then: the copy goes on)."""
+        result = splice(src, dst, flow, self.pool)
+        if out_of_descriptors(result):
+            result = splice_through_buffer(src, dst, flow, self.buffers)
+        return result
+
     def copy_up(self, session):
         """The client-to-tunnel half of a session, in a greenlet of its own."""
-        result = splice(session.client, session.upstream, session.sent, self.pool)
+        result = self.copy(session.client, session.upstream, session.sent)
         if result is AT_END:
             shutdown_write(session.upstream)
         else:
@@ -1843,6 +1852,7 @@ class Forwarder:
             changed = self.supervisor.changed
             if self.supervisor.phase is Phase.DOWN and not self.sessions:
                 self.pool.empty()
+                self.buffers.empty()
                 self.heard.clear()
             changed.wait()
 
@@ -3065,14 +3075,18 @@ def open_log_file(path, user):
     """Open the log for appending without following a link (O_NOFOLLOW) and
     refuse anything but a regular file of ours with one link; then give it to
     the daemon's user through the descriptor (fchown, fchmod)."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+    flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+             | os.O_NONBLOCK)                   # a FIFO must not hang the start
     try:
         fd = os.open(path, flags, 0o640)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise Fatal(f"the log file {path} is a symbolic link: refusing to write through it") \
                 from None
+        if exc.errno == errno.ENXIO:
+            raise Fatal(f"the log file {path} is not a regular file") from None
         raise Fatal(f"cannot open the log file {path}: {exc.strerror}") from None
+    os.set_blocking(fd, True)
     try:
         st = os.fstat(fd)
         allowed = {0, os.geteuid()} | ({user.pw_uid} if user else set())

@@ -26,19 +26,12 @@ import time
 from pathlib import Path
 
 import pytest
+from docopt import docopt
 
 import minimail
-from docopt import docopt
 from conftest import (
     AS_ROOT, MINIMAIL, SWAKS, alive, child_processes, free_port, make_message, minimail_command,
-    minimail_via, need, proc_status, read_until_eof, send_mail, ssh_config_with_key,
-    start_daemon, wait_until)
-
-
-@pytest.fixture
-def through_ssh(sshd, hoster, minimail_process):
-    """Start minimail in front of the test sshd, tunnelling to the hoster."""
-    return minimail_via(sshd, hoster, minimail_process, linger=5)
+    need, proc_status, read_until_eof, send_mail, ssh_config_with_key, start_daemon, wait_until)
 
 
 # ---------------------------------------------------------------------------
@@ -545,15 +538,6 @@ def test_a_capability_granted_for_the_port_does_not_pass_on_to_the_tunnel(tunnel
     finally:
         proc.terminate()
         proc.wait(timeout=15)
-
-
-@pytest.fixture
-def check_setup(sshd, hoster, tmp_path):
-    """`minimail check` against the test sshd, with one thing changed."""
-    def check(*args, ssh=None, remote=None):
-        return minimail_command("check", *AS_ROOT, "--ssh", ssh or sshd.ssh,
-                                "--remote", remote or f"127.0.0.1:{hoster.port}", *args, "hoster")
-    return check
 
 
 def test_check_passes_when_all_is_well(check_setup):
