@@ -1648,12 +1648,6 @@ class Forwarder:
         session = Session(client, format_peer(address))
         self.sessions.add(session)
         try:
-            if len(self.sessions) > self.settings.max_clients:
-                session.end("refused: too many clients")
-                reply(client, "421 4.3.2 minimail: too many clients, try again later")
-                return
-            self.served += 1
-            self.on_change()
             self.forward(session)
         finally:
             self.sessions.discard(session)
@@ -1668,6 +1662,11 @@ class Forwarder:
     def forward(self, session):
         """Put the client through the tunnel; when the tunnel cannot be had,
         the queue takes its mail, or it gets 421.  Every 421 is written here."""
+        if len(self.sessions) > self.settings.max_clients:
+            session.end("refused: too many clients")
+            return reply(session.client, "421 4.3.2 minimail: too many clients, try again later")
+        self.served += 1
+        self.on_change()
         if session.client.family != socket.AF_UNIX:
             session.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         warm = self.supervisor.phase is Phase.UP        # as the client found it
