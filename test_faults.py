@@ -149,6 +149,90 @@ def test_a_hung_network_is_noticed_by_server_alive(via_ssh, hoster, own_sshd):
     assert mm.tunnel_starts() == 2
 
 
+# ---------------------------------------------------------------------------
+# Stale tunnels: after a suspend or a network change
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def freeze_network(own_sshd):
+    """A function that freezes the server side of every ssh connection open now
+    (as a dead network would: ssh still looks alive); unfrozen by a kill after."""
+    frozen = []
+
+    def freeze():
+        pids = descendants(own_sshd.proc.pid)
+        for pid in pids:
+            send_signal(pid, signal.SIGSTOP)
+        frozen.extend(pids)
+    yield freeze
+    for pid in frozen:
+        send_signal(pid, signal.SIGKILL)
+
+
+def test_a_stale_tunnel_is_replaced_and_the_client_greeted_through_a_fresh_one(
+        via_ssh, hoster, freeze_network):
+    mm = via_ssh("--greeting-wait", 2)
+    held = SmtpSession(mm.port)                          # a session inside the tunnel
+    assert held.reply().startswith(b"220")
+    stale = tunnel_pid(mm)
+    freeze_network()
+    message = make_message("through-a-fresh-tunnel")
+    asked = time.monotonic()
+    with smtplib.SMTP("127.0.0.1", mm.port, timeout=30) as smtp:
+        greeted = time.monotonic() - asked
+        smtp.sendmail("cron@desktop.example", ["admin@hoster.example"], message)
+    print(f"\ngreeting through a stale tunnel with --greeting-wait 2: {greeted:.2f} s")
+    assert 2 <= greeted < 2 + 1 + 1                      # greeting-wait + cold start + 1 s
+    assert hoster.bodies() == [message]                  # once, byte-identical
+    mm.wait_for_log(rf"tunnel \(pid {stale}\) is stale: the far side said nothing for 2 s")
+    assert held.closed_within(5)                         # the stale tunnel took it down...
+    held.close()
+    mm.wait_for_log(r"client 127\.0\.0\.1:\d+: closed: the tunnel ended under the session "
+                    r"\(stale: the far side went silent\)")          # ...and the log says so
+    assert mm.tunnel_starts() == 2
+
+
+def test_without_the_greeting_wait_a_stale_tunnel_keeps_the_client_waiting(via_ssh, hoster,
+                                                                          freeze_network):
+    mm = via_ssh("--greeting-wait", 0)
+    send_mail(mm.port, make_message("warm"))
+    freeze_network()
+    with socket.create_connection(("127.0.0.1", mm.port), timeout=10) as client:
+        client.settimeout(5)
+        with pytest.raises(socket.timeout):              # no greeting for 5 s and more
+            client.recv(100)
+    assert mm.tunnel_starts() == 1
+
+
+def eager_mail(port, marker):
+    """A client that says EHLO before the greeting, then sends a mail by hand:
+    each reply must come once, in order."""
+    session = SmtpSession(port, timeout=30)
+    session.sock.sendall(b"EHLO eager.example\r\n")      # before any greeting
+    assert session.reply().startswith(b"220 ")
+    assert session.reply().startswith(b"250-")           # the EHLO's answer, once
+    assert session.command("NOOP").startswith(b"250 ")   # not a second EHLO answer
+    assert session.command("MAIL FROM:<cron@desktop.example>").startswith(b"250")
+    assert session.command("RCPT TO:<admin@hoster.example>").startswith(b"250")
+    assert session.command("DATA").startswith(b"354")
+    session.sock.sendall(re.sub(rb"(?m)^\.", b"..", make_message(marker)) + b".\r\n")
+    assert session.reply().startswith(b"250")
+    assert session.command("QUIT").startswith(b"221")
+    session.close()
+
+
+@pytest.mark.parametrize("stale", [True, False], ids=["stale", "healthy"])
+def test_an_eager_clients_early_bytes_arrive_once_through_a_warm_tunnel(via_ssh, hoster,
+                                                                         freeze_network, stale):
+    mm = via_ssh("--greeting-wait", 1)
+    send_mail(mm.port, make_message("warm"))
+    if stale:
+        freeze_network()
+    eager_mail(mm.port, "eager")
+    assert hoster.bodies() == [make_message("warm"), make_message("eager")]
+    assert mm.tunnel_starts() == (2 if stale else 1)
+
+
 def test_a_stopped_ssh_costs_clients_only_the_idle_timeout_and_is_killed(via_ssh, hoster):
     mm = via_ssh("--idle-timeout", 1, linger=0.5)
     session = SmtpSession(mm.port)

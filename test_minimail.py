@@ -205,6 +205,17 @@ def test_an_eager_clients_early_bytes_wait_for_the_tunnel(tunnel_double):
     mm.wait_for_log(r"client .*: ok; 300000 bytes from client, 300000 to client")
 
 
+def test_a_client_that_speaks_first_works_through_a_warm_tunnel(tunnel_double):
+    mm, _ = tunnel_double("echo", 0, "{port}")          # the default --greeting-wait (10 s)
+    hello = b"\x16\x03\x01 a TLS ClientHello, say" * 100
+    for _ in range(3):                                  # a cold tunnel, then a warm one twice
+        with socket.create_connection(("127.0.0.1", mm.port), timeout=10) as client:
+            client.sendall(hello)                       # the client speaks first, as on 465
+            client.shutdown(socket.SHUT_WR)
+            assert read_until_eof(client) == hello
+    assert mm.tunnel_starts() == 1 and "stale" not in mm.log()
+
+
 def test_half_close_from_the_far_side_passes_through(tunnel_double, tmp_path):
     report = tmp_path / "received.txt"
     mm, _ = tunnel_double("greet", "{port}", report)
