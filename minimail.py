@@ -167,27 +167,22 @@ listen address is taken), 2 for a usage error.
 """
 
 import collections
-import ctypes
 import enum
 import errno
 import fcntl
 import ipaddress
-import json
 import logging
 import math
 import os
 import pwd
-import random
 import re
 import resource
 import select
 import shlex
-import shutil
 import signal
 import socket
 import stat
 import sys
-import tempfile
 import time
 
 # gevent, docopt and the mail modules are imported where they are used: the
@@ -837,6 +832,7 @@ def dies_with(parent, prctl):
 
 def libc_function(name):
     """A libc function through ctypes (resolved before forks and privilege drops)."""
+    import ctypes
     return getattr(ctypes.CDLL(None, use_errno=True), name)
 
 
@@ -988,7 +984,8 @@ class Supervisor:
 
     def __init__(self, settings, endpoints, on_change=lambda: None, on_up=lambda: None,
                  grace=STOP_GRACE, backoff_first=BACKOFF_FIRST, backoff_max=BACKOFF_MAX,
-                 clocks=(time.monotonic, boottime), rng=random):
+                 clocks=(time.monotonic, boottime), rng=None):
+        import random
         from gevent.event import Event
         self.settings = settings
         self.endpoints = endpoints        # launch number -> its endpoint
@@ -998,7 +995,7 @@ class Supervisor:
         self.backoff_first, self.backoff_max = backoff_first, backoff_max
         self.clock = clocks[0]
         self.sleep_watch = SleepWatch(clocks)
-        self.rng = rng
+        self.rng = rng or random.Random()
         self.prctl = libc_function("prctl")
         self.session = settings.session and not settings.tunnel_command
         self.shared_endpoint = bool(settings.tunnel_port)   # TCP: one port for all launches
@@ -1475,6 +1472,27 @@ def peek(sock):
         sock.settimeout(timeout)
 
 
+def wait_readable(socks, timeout):
+    """The first of socks to become readable within timeout seconds (None: no
+    limit), or None if none did.  libev watchers: no FD_SETSIZE limit."""
+    from gevent import get_hub
+    from gevent.hub import Waiter
+    loop, waiter = get_hub().loop, Waiter()
+    watchers = [loop.io(sock.fileno(), READ) for sock in socks]
+    for watcher, sock in zip(watchers, socks):
+        watcher.start(waiter.switch, sock)
+    timer = None if timeout is None else loop.timer(timeout)
+    if timer is not None:
+        timer.start(waiter.switch, None)
+    try:
+        return waiter.get()
+    finally:
+        for watcher in watchers:
+            watcher.close()
+        if timer is not None:
+            timer.close()
+
+
 def format_peer(address):
     """'127.0.0.1:40404' or '[::1]:40404'."""
     host, port = address[:2]
@@ -1725,7 +1743,6 @@ class Forwarder:
         what the client sends meanwhile.  Through a warm tunnel the far side
         must speak within --greeting-wait, unless the tunnel carried bytes for
         someone else meanwhile (a slow server is not a dead tunnel)."""
-        from gevent.select import select
         client, upstream, child = session.client, session.upstream, session.child
         settings, now = self.settings, time.monotonic()
         stale_at = now + settings.greeting_wait if warm and settings.greeting_wait else None
@@ -1735,12 +1752,12 @@ class Forwarder:
         while True:
             wake_at = earliest(stale_at, idle_at)
             timeout = None if wake_at is None else max(0.0, wake_at - time.monotonic())
-            readable = select(watched, [], [], timeout)[0]
-            if upstream in readable:
+            readable = wait_readable(watched, timeout)
+            if readable is upstream:
                 result = self.first_word(session)
                 if result is not None:
                     return result
-            if client in readable:
+            if readable is client:
                 result = self.take_early_bytes(session)
                 if result is not None:
                     return result
@@ -1918,8 +1935,9 @@ class IdleTimer:
 # The queue: the spool, the receiver, the runner
 # ---------------------------------------------------------------------------
 
-#: A queue ID: the arrival second and 16 random bits, in upper-case hex.
-QUEUE_ID = re.compile(r"[0-9A-F]{12}")
+#: A queue ID: the arrival time in microseconds and 12 random bits, in
+#: upper-case hex (Draft makes sure no message in the spool has it yet).
+QUEUE_ID = re.compile(r"[0-9A-F]{16}")
 #: The most recipients one message may have (RFC 5321 asks servers for 100).
 MAX_RECIPIENTS = 100
 #: The longest command line the receiver takes, CRLF included (RFC 5321: 512).
@@ -1943,7 +1961,8 @@ SPOOL_DIRS = ("tmp", "queued", "failed")
 
 
 def new_queue_id():
-    return f"{int(time.time()) & 0xFFFFFFFF:08X}{random.getrandbits(16):04X}"
+    microseconds = time.time_ns() // 1000
+    return f"{microseconds & 0xFFFFFFFFFFFFF:013X}{os.urandom(2).hex()[1:].upper()}"
 
 
 def fsync_directory(path):
@@ -1990,11 +2009,13 @@ class Envelope:
         self.last_reply, self.failures, self.failed_at = last_reply, list(failures), failed_at
 
     def to_json(self):
+        import json
         return json.dumps({name: getattr(self, name) for name in self.FIELDS}).encode()
 
     @classmethod
     def from_json(cls, raw, expected_id):
         """An envelope read from disk, checked field by field (ValueError if not)."""
+        import json
         data = json.loads(raw)
         if not isinstance(data, dict) or set(data) != set(cls.FIELDS):
             raise ValueError("not an envelope")
@@ -2022,12 +2043,16 @@ def valid_address(address):
 
 
 class Draft:
-    """A message being written into the spool's tmp/, as it arrives."""
+    """A message being written into the spool's tmp/, as it arrives, under an
+    ID that no other message in the spool has (drafts: O_EXCL; the queued and
+    the failed ones: looked up)."""
 
-    def __init__(self, directory):
+    def __init__(self, spool):
         while True:
             self.id = new_queue_id()
-            self.path = os.path.join(directory, f"{self.id}.msg")
+            self.path = spool.path("tmp", f"{self.id}.msg")
+            if spool.holds(self.id):
+                continue
             try:
                 self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                                   | os.O_CLOEXEC, 0o600)
@@ -2104,7 +2129,12 @@ class Spool:
                 remove_quietly(self.path("queued", name))
 
     def draft(self):
-        return Draft(self.path("tmp"))
+        return Draft(self)
+
+    def holds(self, queue_id):
+        """Whether a queued or failed message has this ID."""
+        return any(os.path.lexists(self.path(where, f"{queue_id}.{kind}"))
+                   for where in ("queued", "failed") for kind in ("msg", "env"))
 
     def commit(self, draft, envelope):
         """Make a draft a queued message, durably (blocking: run in_thread)."""
@@ -2847,7 +2877,7 @@ def make_bounce(envelope, failures, header, hostname, expired):
     message/delivery-status per recipient, and the original's header."""
     from email.utils import formatdate, make_msgid
     now = formatdate(localtime=True)
-    boundary = f"{envelope.id}.{random.getrandbits(32):08x}/{hostname}"
+    boundary = f"{envelope.id}.{os.urandom(4).hex()}/{hostname}"
     why = (f"it could not be delivered in {len(failures) and ''}the time allowed"
            if expired else "the hoster refused it")
     plain = [f"This is minimail on {hostname}.", "",
@@ -2938,6 +2968,7 @@ def clear_ambient_capabilities():
         return
     if not ambient or int(ambient[1], 16) == 0:
         return
+    import ctypes
     prctl = libc_function("prctl")
     if prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
         log.warning("cannot clear ambient capabilities: %s", os.strerror(ctypes.get_errno()))
@@ -2946,30 +2977,26 @@ def clear_ambient_capabilities():
 def preload():
     """Import now what gevent and minimail would import lazily later: after the
     drop, the interpreter's own directory may be closed to the new user."""
-    import email.utils
-    import gevent
-    import gevent.event
-    import gevent.pool
-    import gevent.select
-    import gevent.server
-    import gevent.socket
-    import gevent.subprocess
-    import mmap
-    import smtplib
-    hub = gevent.get_hub()
+    import importlib
+    for name in PRELOADED:
+        importlib.import_module(name)
+    from gevent import get_hub
+    hub = get_hub()
     hub.threadpool.spawn(int).get()
     hub.resolver
-    importlib_module("gevent.fileobject")         # ssh's stderr pipe
     "localhost".encode("idna")
-    json.dumps(signal.Signals.SIGTERM.name)
-    email.utils.formatdate(localtime=True)
-    email.utils.make_msgid(domain="localhost")
-    del mmap, smtplib
+    json_module = importlib.import_module("json")
+    json_module.dumps(signal.Signals.SIGTERM.name)
+    email_utils = importlib.import_module("email.utils")
+    email_utils.formatdate(localtime=True)
+    email_utils.make_msgid(domain="localhost")
 
 
-def importlib_module(name):
-    import importlib
-    return importlib.import_module(name)
+#: Modules the daemon imports only where it uses them (the sendmail command
+#: never does); all of them are loaded before the privilege drop.
+PRELOADED = ("ctypes", "email.utils", "gevent", "gevent.event", "gevent.fileobject", "gevent.hub",
+             "gevent.pool", "gevent.server", "gevent.socket", "gevent.subprocess", "json", "mmap",
+             "random", "shutil", "smtplib", "tempfile")
 
 
 def raise_open_files_limit(max_clients):
@@ -3254,6 +3281,7 @@ class StateFile:
             self.pending = spawn_later(STATE_DELAY, self.write)
 
     def write(self):
+        import json
         self.pending = None
         temporary = f"{self.path}.tmp"
         try:
@@ -3277,6 +3305,7 @@ class StateFile:
 def read_state(pidfile):
     """What the daemon's state file says, checked field by field (it lies in a
     directory the daemon's user owns: never trusted); {} if unreadable."""
+    import json
     try:
         with open(state_path(pidfile), "rb") as f:
             raw = f.read(SMALL_FILE_MAX + 1)
@@ -3382,6 +3411,7 @@ def make_tunnel_dir(base):
     """A private directory (0700) for this daemon's tunnel sockets, named for
     its pid, so that a later start removes it if minimail was killed.  Where
     base's path is too long for a socket, somewhere shorter and as private."""
+    import tempfile
     for candidate in (base, os.environ.get("XDG_RUNTIME_DIR"), tempfile.gettempdir()):
         if not candidate or not os.path.isdir(candidate) or not os.access(candidate, os.W_OK):
             continue
@@ -3399,6 +3429,7 @@ def make_tunnel_dir(base):
 
 def remove_leftover_tunnel_dirs(base):
     """Remove tunnel directories of ours whose minimail has died (kill -9)."""
+    import shutil
     try:
         entries = os.listdir(base)
     except OSError:
@@ -3619,6 +3650,7 @@ class Daemon:
 
     def clean_up(self):
         """Remove what the daemon made: its state and pid files, the tunnel's directory."""
+        import shutil
         if self.state:
             self.state.remove()
         if self.pidfile:
@@ -3690,6 +3722,7 @@ def stop(pidfile):
 
 def status(pidfile, as_json):
     """Say whether the daemon runs and what it is doing: exit 0 if it runs, 3 if not."""
+    import json
     pid = daemon_pid(pidfile)
     state = read_state(pidfile) if pid else {}
     if as_json:
@@ -3758,6 +3791,7 @@ def queue_directory(explicit, settings_file, pidfile):
 
 def show_queue(directory, as_json):
     """List the queued and the failed mail; exit 0, or 1 if it cannot be read."""
+    import json
     spool = Spool(directory)
     try:
         queued, failed = spool.load("queued"), spool.load("failed")
@@ -3843,6 +3877,7 @@ def check_step(ok, text, fix=None):
 
 def check(settings, settings_file):
     """Try the tunnel once, as the daemon would, and say in plain words what works."""
+    import shutil
     from gevent import spawn
     print(f"minimail check: ssh {settings.destination}, then {settings.remote} from there")
     program = shutil.which(settings.ssh[0])
@@ -4215,51 +4250,120 @@ def deliverable(recipients, settings_file):
 def completed_header(header, sender, full_name, hostname):
     """The header with Date, Message-ID and From added where missing; nothing
     else is rewritten."""
-    from email.utils import formataddr, formatdate, make_msgid
     names = {name for name, _ in fields(header)}
     added = []
     if "date" not in names:
-        added.append(f"Date: {formatdate(localtime=True)}")
+        added.append(f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S %z')}")  # C locale: English
     if "message-id" not in names:
-        added.append(f"Message-ID: {make_msgid(domain=hostname)}")
+        added.append(f"Message-ID: <{time.time_ns()}.{os.getpid()}.{os.urandom(4).hex()}"
+                     f"@{hostname}>")
     if "from" not in names:
         address = sender or f"MAILER-DAEMON@{hostname}"
-        added.append(f"From: {formataddr((full_name, address)) if full_name else address}")
+        if full_name:
+            from email.utils import formataddr
+            address = formataddr((full_name, address))
+        added.append(f"From: {address}")
     return header + [line.encode("utf-8") for line in added]
+
+
+class Submission:
+    """The sendmail command's SMTP client, talking to the local minimail.  Not
+    smtplib: importing that takes longer than the interpreter needs to start,
+    and cron runs this for every job's output."""
+
+    def __init__(self, listen, verbose):
+        family, ip, port = listen
+        self.where = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
+        self.verbose = verbose
+        try:
+            self.sock = socket.create_connection((ip, port), timeout=SUBMIT_TIMEOUT)
+        except OSError as exc:
+            raise SendmailExit(EX_TEMPFAIL, f"cannot reach minimail at {self.where}: "
+                                            f"{describe_error(exc)} (is it running? minimail "
+                                            f"status)") from None
+        self.replies = self.sock.makefile("rb")
+
+    def reply(self):
+        """(code, the reply's lines joined) of the next reply."""
+        lines = []
+        try:
+            while True:
+                line = self.replies.readline(REPLY_MAX * 2)
+                if not line:
+                    raise SendmailExit(EX_TEMPFAIL, f"minimail at {self.where} closed the "
+                                                    f"connection")
+                self.show("<<<", line)
+                lines.append(printable(line[4:], REPLY_MAX))
+                if line[3:4] != b"-":
+                    break
+        except OSError as exc:
+            raise SendmailExit(EX_TEMPFAIL, f"minimail at {self.where}: {describe_error(exc)}") \
+                from None
+        code = int(line[:3]) if line[:3].isdigit() else 0
+        return code, " ".join(lines)
+
+    def send(self, data):
+        self.show(">>>", data[:200] + (b"..." if len(data) > 200 else b""))
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise SendmailExit(EX_TEMPFAIL, f"minimail at {self.where}: {describe_error(exc)}") \
+                from None
+
+    def command(self, line):
+        self.send(line.encode("utf-8") + b"\r\n")
+        return self.reply()
+
+    def expect(self, reply, wanted):
+        """Go on if the reply is wanted; else end with the sysexits status it means."""
+        code, text = reply
+        if code != wanted:
+            status = EX_UNAVAILABLE if code >= 500 else EX_TEMPFAIL
+            raise SendmailExit(status, f"minimail at {self.where} answered {code} {text}")
+        return text
+
+    def show(self, direction, data):
+        if self.verbose:
+            print(direction, printable(data, 300), file=sys.stderr)
+
+    def close(self):
+        self.replies.close()
+        self.sock.close()
 
 
 def submit(listen, sender, recipients, message, options, verbose, hostname):
     """Hand the message to the local minimail: the exit status, by sysexits.h."""
-    import smtplib
-    family, ip, port = listen
-    where = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
-    smtp = smtplib.SMTP(local_hostname=hostname, timeout=SUBMIT_TIMEOUT)
-    smtp.set_debuglevel(1 if verbose else 0)
+    smtp = Submission(listen, verbose)
     try:
-        smtp.connect(ip, port)
-        refused = smtp.sendmail(sender, recipients, message, mail_options=options)
-    except smtplib.SMTPRecipientsRefused as exc:
-        code, reply = next(iter(exc.recipients.values()))
-        status = EX_NOUSER if all(c >= 500 for c, _ in exc.recipients.values()) else EX_TEMPFAIL
-        raise SendmailExit(status, f"every recipient was refused: {code} "
-                                   f"{printable(reply, 300)}") from None
-    except smtplib.SMTPResponseException as exc:
-        status = EX_UNAVAILABLE if exc.smtp_code >= 500 else EX_TEMPFAIL
-        raise SendmailExit(status, f"minimail at {where} answered {exc.smtp_code} "
-                                   f"{printable(exc.smtp_error, 300)}") from None
-    except smtplib.SMTPNotSupportedError as exc:
-        raise SendmailExit(EX_UNAVAILABLE, f"minimail at {where}: {exc}") from None
-    except (smtplib.SMTPException, OSError) as exc:
-        raise SendmailExit(EX_TEMPFAIL, f"cannot reach minimail at {where}: {smtp_error(exc)} "
-                                        f"(is it running? minimail status)") from None
-    finally:
+        smtp.expect(smtp.reply(), 220)
+        offered = smtp.expect(smtp.command(f"EHLO {hostname}"), 250).upper().split()
+        if "SMTPUTF8" in options and "SMTPUTF8" not in offered:
+            raise SendmailExit(EX_UNAVAILABLE, "the hoster takes no non-ASCII addresses "
+                                               "(no SMTPUTF8)")
+        wanted = [o for o in options if o != "BODY=8BITMIME" or "8BITMIME" in offered]
+        smtp.expect(smtp.command(f"MAIL FROM:<{sender}>{''.join(' ' + o for o in wanted)}"), 250)
+        refused = {}
+        for recipient in recipients:
+            code, text = smtp.command(f"RCPT TO:<{recipient}>")
+            if not 200 <= code < 300:
+                refused[recipient] = (code, text)
+        if len(refused) == len(recipients):
+            code, text = next(iter(refused.values()))
+            status = EX_NOUSER if all(c >= 500 for c, _ in refused.values()) else EX_TEMPFAIL
+            raise SendmailExit(status, f"every recipient was refused: {code} {text}")
+        smtp.expect(smtp.command("DATA"), 354)
+        stuffed = (b"." if message.startswith(b".") else b"") + message.replace(b"\r\n.", b"\r\n..")
+        smtp.send(stuffed + (b"" if stuffed.endswith(b"\r\n") else b"\r\n") + b".\r\n")
+        smtp.expect(smtp.reply(), 250)
         try:
-            smtp.quit()
-        except (smtplib.SMTPException, OSError):
-            smtp.close()
-    for recipient, (code, reply) in refused.items():
-        print(f"minimail: <{printable(recipient, 100)}> was refused: {code} "
-              f"{printable(reply, 300)}", file=sys.stderr)
+            smtp.command("QUIT")
+        except SendmailExit:
+            pass                          # the mail is taken: nothing else matters
+    finally:
+        smtp.close()
+    for recipient, (code, text) in refused.items():
+        print(f"minimail: <{printable(recipient, 100)}> was refused: {code} {text}",
+              file=sys.stderr)
     return EX_OK
 
 

@@ -229,7 +229,7 @@ def test_a_state_file_is_checked_field_by_field(content):
 
 
 def envelope_json(**changes):
-    data = {"id": "674D5F3A9C1E", "sender": "a@b", "recipients": ["c@d"], "arrived": 1.0,
+    data = {"id": "05FF3A9C1E2B4D6A", "sender": "a@b", "recipients": ["c@d"], "arrived": 1.0,
             "size": 10, "body": None, "smtputf8": False, "bounce": False, "attempts": 0,
             "next_try": 2.0, "last_reply": None, "failures": [], "failed_at": None}
     data.update(changes)
@@ -237,14 +237,14 @@ def envelope_json(**changes):
 
 
 def test_an_envelope_from_disk_is_checked():
-    assert minimail.Envelope.from_json(envelope_json(), "674D5F3A9C1E").recipients == ["c@d"]
+    assert minimail.Envelope.from_json(envelope_json(), "05FF3A9C1E2B4D6A").recipients == ["c@d"]
     for bad in (envelope_json(id="../../x"), envelope_json(recipients="c@d"),
                 envelope_json(recipients=["c@d"] * 101), envelope_json(sender="a\r\nb"),
                 envelope_json(size="10"), envelope_json(attempts=True), b"[1]", b"{}"):
         with pytest.raises(ValueError):
-            minimail.Envelope.from_json(bad, "674D5F3A9C1E")
+            minimail.Envelope.from_json(bad, "05FF3A9C1E2B4D6A")
     with pytest.raises(ValueError):
-        minimail.Envelope.from_json(envelope_json(), "674D5F3A9C1F")   # not its file
+        minimail.Envelope.from_json(envelope_json(), "05FF3A9C1E2B4D6B")   # not its file
 
 
 # ---------------------------------------------------------------------------
