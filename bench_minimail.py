@@ -1,22 +1,35 @@
 #!/usr/bin/env python3
-"""Benchmark minimail against other TCP forwarders and against plain ssh tunnels.
+"""Benchmark minimail against other TCP forwarders, plain ssh tunnels, Postfix and msmtp.
 
 Run it from a checkout, as root or as a user who may run sshd:
 
-    python bench_minimail.py                 # everything, 5 rounds, under 3 minutes
-    python bench_minimail.py --quick         # 2 rounds, smaller sizes, under 40 s
+    python bench_minimail.py                 # everything, 5 rounds, about 4 minutes
+    python bench_minimail.py --quick         # 2 rounds, smaller sizes, about a minute
     python bench_minimail.py --section forwarder --rounds 3
     python bench_minimail.py --minimail /tmp/old/minimail.py     # measure another copy
+    python bench_minimail.py --compare /tmp/before/minimail.py   # A/B in one run
 
-It needs python with gevent, docopt-ng (for minimail) and aiosmtpd, plus socat,
-haproxy, systemd-socket-activate, /usr/lib/systemd/systemd-socket-proxyd and
-OpenSSH (sshd, ssh, ssh-keygen).  Everything it starts listens on 127.0.0.1
-only: a throwaway sshd (keys generated in a temp dir), an aiosmtpd server as
-the hoster, and a small line server for section 1 (both forked from this
-process; the clients run in this process itself).  Every contender runs once
-per round, in a fresh random order each round.  Tables show the median over
-the rounds with (min-max), and the ratio of medians to the section's baseline
-(value / baseline: above 1 means more, whether more is better or worse).
+It needs python with gevent, docopt-ng (for minimail) and aiosmtpd (it says
+what to install, and exits 2, if one is missing), plus socat, haproxy,
+systemd-socket-activate, /usr/lib/systemd/systemd-socket-proxyd, OpenSSH
+(sshd, ssh, ssh-keygen), and for the last sections Postfix (run as root) and
+msmtp; without those two, their rows are left out with one line that says so.
+Everything it starts listens on 127.0.0.1 only: a throwaway sshd (keys
+generated in a temp dir), an aiosmtpd server as the hoster, a small line
+server for section 1 (both forked from this process; the clients run in this
+process itself, or in processes forked from it), and a throwaway Postfix.
+Every contender runs once per round, in a fresh random order each round.
+Tables show the median over the rounds with (min-max), and the ratio of
+medians to the section's baseline (value / baseline: above 1 means more,
+whether more is better or worse).
+
+--compare PATH adds a second copy, "minimail B (PATH)", started with the same
+arguments as the one measured (each gets --user root, when run as root, only
+if its --help knows that option) and measured side by side with it, in the
+same rounds, in sections forwarder, tunnel and cold (and intake, delivery and
+sendmail when it has a queue and the sendmail command).  A line "B/A" gives
+minimail B / minimail: the ratio of medians and the range of the per-round
+ratios.
 
 Sections (--section NAME, repeatable):
 
@@ -37,6 +50,32 @@ Sections (--section NAME, repeatable):
   cold       connect-to-220 when no tunnel runs: minimail (--linger 0) against
              the floor, launching `ssh -T -L ... cat` and polling every 10 ms.
   idle       CPU used by an idle minimail (no client, no tunnel).
+  intake     10 KiB messages per second accepted into a durable queue (each
+             fsync'ed before its 250), 4 clients at once (forked processes),
+             one connection per message, as cron, sendmail and smtp-source
+             send them: minimail's queue (--queue DIR, --tunnel-command false,
+             so every tunnel start fails and minimail answers each client
+             itself) against Postfix's smtpd in a throwaway instance (its own
+             config, queue and data directories in a temp dir, 127.0.0.1 only,
+             every mail put on hold: nothing is delivered; stopped and removed
+             afterwards).  Counted: 250 replies to DATA.
+  delivery   N queued 10 KiB messages flushed through one tunnel: queued while
+             the tunnel command fails (`sh -c 'test -e FLAG && exec socat ...;
+             exit 1'`), then FLAG is made and minimail gets SIGUSR1; timed from
+             the signal until the hoster has all N.  Against the same N sent in
+             a row on one smtplib connection through minimail's splice (tunnel
+             up).  Goal: the flush at least 0.5 x the splice's rate.
+  sendmail   wall time of `minimail sendmail -i RCPT < message` (the venv's
+             console script, and python minimail.py) to a minimail with a warm
+             tunnel, against `python -c pass`, `python -c 'import smtplib'` and
+             msmtp to the same minimail; every contender once per run, in a
+             fresh random order, 30 runs.  Goal: within 30 ms of python -c pass.
+             minimail sendmail finds the port in the file $MINIMAIL_CONFIG
+             names (MINIMAIL_OPTIONS=--listen 127.0.0.1:PORT).
+
+The sections on the queue and sendmail measure minimail only if its --help
+mentions --queue (intake, delivery) or sendmail; otherwise they say so in one
+line and measure the others.
 """
 
 import argparse
@@ -1335,7 +1374,8 @@ def section_sendmail(plan, tmp):
                        "(warm-up runs included).",
                        "minimail sendmail reads MINIMAIL_OPTIONS=--listen 127.0.0.1:PORT from "
                        "the file $MINIMAIL_CONFIG names; msmtp: host 127.0.0.1, that port, "
-                       "no auth, no TLS.",
+                       "no auth, no TLS.  msmtp sends each line in a send() of its own without "
+                       "TCP_NODELAY, so its end of DATA waits for a delayed ACK (about 40 ms).",
                        "goal, within 30 ms of python -c pass: " + (", ".join(goals) or "n/a"),
                        *(f"error: {error}" for error in errors[:3])])
 
@@ -1374,7 +1414,7 @@ def paired_ratio(values, baseline):
 def compare_notes(results, metrics):
     """With --compare: one line of B/A ratios for the metrics, [(label, key or None)];
     results[name] is a list of per-round dicts (or of numbers, for key None)."""
-    if len(COPIES) < 2:
+    if len(COPIES) < 2 or not {COPIES[0].name, COPIES[1].name} <= set(results):
         return []
     a, b = COPIES[0].name, COPIES[1].name      # measured in the same rounds, side by side
 
@@ -1506,7 +1546,7 @@ def read_copy(parser, name, path):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="2 rounds and smaller sizes (under 40 s)")
+                        help="2 rounds and smaller sizes (about a minute)")
     parser.add_argument("--rounds", type=int, help="rounds per section (default 5)")
     parser.add_argument("--section", choices=SECTIONS, action="append",
                         help="run only this section (repeatable; default: all)")
