@@ -258,6 +258,10 @@ class Copy:
         """True if this copy's --help mentions word (an option, a command)."""
         return word in self.usage
 
+    def label(self):
+        """Its name, with its path if the name has none."""
+        return self.name if self.path in self.name else f"{self.name} ({self.path})"
+
 
 COPIES = []              # the copy measured (A), then --compare's (B); set by parse_args
 
@@ -1114,7 +1118,7 @@ def section_intake(plan, tmp):
                          "delivered; its cleanup fsyncs each queue file before the 250.")
         for copy in COPIES:
             if not copy.knows("--queue"):
-                print(f"\n{title}: {copy.name} ({copy.path}) has no --queue yet: not measured.")
+                print(f"\n{title}: {copy.label()} has no --queue yet: not measured.")
                 continue
             port, child = queue_minimail(copy, tmp, f"intake-{len(children)}",
                                          lambda tunnel_port: "false")
@@ -1225,7 +1229,7 @@ def section_delivery(plan, tmp):
     copies = [copy for copy in COPIES if copy.knows("--queue")]
     for copy in COPIES:
         if copy not in copies:
-            print(f"\n{title}: {copy.name} ({copy.path}) has no --queue yet: not measured.")
+            print(f"\n{title}: {copy.label()} has no --queue yet: not measured.")
     if not copies:
         return
     hoster, states, children = HosterSmtp(), {}, []
@@ -1256,12 +1260,12 @@ def section_delivery(plan, tmp):
         for child in children:
             child.stop()
         hoster.stop()
-    rows, flushes = [], {}
+    rows, rounds = [], {}
     for copy in copies:
         flush = [rate for rate, _ in results[(copy.name, "flush")]]
         first = [ms for _, ms in results[(copy.name, "flush")]]
         splice = results[(copy.name, "splice")]
-        flushes[copy.name] = flush
+        rounds[copy.name] = [dict(flush=f, splice=s) for f, s in zip(flush, splice)]
         verdict = ratio(flush, splice)
         rows.append([copy.name, spread(flush, 0), spread(first, 0), spread(splice, 0),
                      paired_ratio(flush, splice),
@@ -1275,7 +1279,8 @@ def section_delivery(plan, tmp):
                        "hoster) until the hoster has all; it includes starting the tunnel "
                        "(see 'first after').  splice: one smtplib connection through a tunnel "
                        "already up, from the first MAIL to the last 250.",
-                       *compare_notes(flushes, [("flush msgs/s", None)])])
+                       *compare_notes(rounds, [("flush msgs/s", "flush"),
+                                               ("splice msgs/s", "splice")])])
 
 
 def section_sendmail(plan, tmp):
@@ -1306,20 +1311,21 @@ def section_sendmail(plan, tmp):
         submitters[f"minimail sendmail (console script; {origin})"] = [
             str(console), "sendmail", "-i", RECIPIENT]
     else:
-        skipped.append(f"{console}: " + ("missing" if not console.exists() else "no sendmail"))
+        skipped.append(f"{console} " + ("is missing" if not console.exists() else
+                                        "has no sendmail command yet"))
     for copy in COPIES:
         if copy.knows("sendmail"):
             submitters[f"python {copy.path} sendmail" + (" (B)" if copy is not COPIES[0] else "")] = [
                 python, copy.path, "sendmail", "-i", RECIPIENT]
         else:
-            skipped.append(f"{copy.name} ({copy.path}): no sendmail command yet")
+            skipped.append(f"{copy.label()} has no sendmail command yet")
     if shutil.which("msmtp"):
         submitters["msmtp"] = ["msmtp", f"--file={msmtprc}", "-i", RECIPIENT]
     else:
-        skipped.append("msmtp: not installed (apt-get install -y msmtp)")
+        skipped.append("msmtp is not installed (apt-get install -y msmtp)")
     contenders.update(submitters)
-    for line in skipped:
-        print(f"\n{title}: {line}: not measured.")
+    if skipped:
+        print(f"\n{title}: not measured: {'; '.join(skipped)}.")
     times = {name: [] for name in contenders}
     failed = {name: 0 for name in contenders}
     errors = []
