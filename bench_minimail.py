@@ -75,7 +75,9 @@ Sections (--section NAME, repeatable):
 
 The sections on the queue and sendmail measure minimail only if its --help
 mentions --queue (intake, delivery) or sendmail; otherwise they say so in one
-line and measure the others.
+line and measure the others.  Every minimail started gets an empty settings
+file ($MINIMAIL_CONFIG) and, if it keeps a queue, a queue directory of its own
+in the temp dir, so nothing of the machine's minimail is read or written.
 """
 
 import argparse
@@ -264,16 +266,21 @@ class Copy:
 
 
 COPIES = []              # the copy measured (A), then --compare's (B); set by parse_args
+WORKDIR = None           # the run's temp dir (Path); set by main
 
 
 def minimail_argv(port, *args, copy=None):
     """`python minimail.py --foreground --listen 127.0.0.1:PORT ARGS...` for copy
     (default: the one measured), plus `--user root` when we are root and that copy
-    knows the option (a newer minimail refuses to run as root without it)."""
+    knows the option (a newer minimail refuses to run as root without it), and,
+    if the copy keeps a queue and ARGS name none, `--queue` in a fresh directory
+    of the temp dir (its default would be /var/spool/minimail as root)."""
     copy = copy or COPIES[0]
     argv = [sys.executable, copy.path, "--foreground", "--listen", f"127.0.0.1:{port}"]
     if os.geteuid() == 0 and copy.knows("--user"):
         argv += ["--user", "root"]
+    if copy.knows("--queue") and not {"--queue", "--no-queue"} & set(args):
+        argv += ["--queue", tempfile.mkdtemp(prefix="queue-", dir=WORKDIR)]
     return argv + list(args)
 
 
@@ -1579,13 +1586,18 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    global WORKDIR
     plan, sections = parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))     # children inherit it
     signal.signal(signal.SIGTERM, signal.default_int_handler)    # SIGTERM, too, cleans up
     signal.signal(signal.SIGINT, signal.default_int_handler)     # even if started ignoring it
     print_header(plan, sections)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-minimail-"))
+    tmp = WORKDIR = Path(tempfile.mkdtemp(prefix="bench-minimail-"))
+    # A newer minimail reads settings from $MINIMAIL_CONFIG, else /etc/default/minimail
+    # or ~/.config/minimail/minimail.conf: give every minimail an empty settings file.
+    (tmp / "minimail-empty.conf").write_text("")
+    os.environ["MINIMAIL_CONFIG"] = str(tmp / "minimail-empty.conf")
     hoster, started = None, time.monotonic()
     try:
         if "forwarder" in sections:
