@@ -911,9 +911,10 @@ def socat_tunnel(tunnel_port, target_port):
 
 def send_each(port, count, deadline):
     """Send count MESSAGE_10K to port, one smtplib connection per message (EHLO, MAIL,
-    RCPT, DATA, QUIT); return (250 replies to DATA, the last greeting, the last DATA
-    reply, the first error or None).  Stops at deadline (perf_counter)."""
-    accepted, greeting, reply, error = 0, b"", b"", None
+    RCPT, DATA, QUIT); return dict(accepted: 250 replies to DATA, greeting: the last
+    greeting, reply: the last DATA reply, ids: the queue IDs the replies named,
+    error: the first error or None).  Stops at deadline (perf_counter)."""
+    accepted, greeting, reply, error, ids = 0, b"", b"", None, []
     for _ in range(count):
         if time.perf_counter() > deadline:
             error = error or "time cap reached"
@@ -929,12 +930,13 @@ def send_each(port, count, deadline):
             if code != 250:
                 raise smtplib.SMTPResponseException(code, reply)
             accepted += 1
+            ids.append(reply.rpartition(b"queued as ")[2].split(b" ")[0])
             smtp.quit()
         except (OSError, smtplib.SMTPException) as exc:
             error = error or repr(exc)
         finally:
             smtp.close()
-    return accepted, greeting, reply, error
+    return dict(accepted=accepted, greeting=greeting, reply=reply, ids=ids, error=error)
 
 
 def send_worker(port, count, time_cap, barrier, results):
@@ -944,15 +946,18 @@ def send_worker(port, count, time_cap, barrier, results):
     try:
         barrier.wait(30)
     except threading.BrokenBarrierError:
-        results.put((0, b"", b"", "start barrier broken", time.perf_counter()))
+        results.put(dict(accepted=0, greeting=b"", reply=b"", ids=[],
+                         error="start barrier broken", end=time.perf_counter()))
         return
-    results.put((*send_each(port, count, time.perf_counter() + time_cap), time.perf_counter()))
+    outcome = send_each(port, count, time.perf_counter() + time_cap)
+    results.put(dict(outcome, end=time.perf_counter()))
 
 
 def send_parallel(port, total, clients=CLIENTS, time_cap=60.0):
     """total messages from clients forked processes at once (no GIL between them), each
     one connection per message; the clock runs from a common start until the last client
-    is done.  Returns dict(rate (250 replies to DATA per s), accepted, greeting, reply, error)."""
+    is done.  Returns dict(rate (250 replies to DATA per s), accepted, greeting, reply, error,
+    duplicates: replies that named a queue ID another reply had named already)."""
     context = multiprocessing.get_context("fork")
     barrier, results = context.Barrier(clients + 1), context.SimpleQueue()
     shares = [total // clients + (i < total % clients) for i in range(clients)]
@@ -978,10 +983,12 @@ def send_parallel(port, total, clients=CLIENTS, time_cap=60.0):
                 process.join()
     if len(outcomes) < clients:
         raise RuntimeError(f"port {port}: {clients - len(outcomes)} client(s) did not report")
-    accepted = sum(outcome[0] for outcome in outcomes)
-    elapsed = max(outcome[4] for outcome in outcomes) - start
-    return dict(rate=accepted / elapsed, accepted=accepted, greeting=outcomes[-1][1],
-                reply=outcomes[-1][2], error=next((o[3] for o in outcomes if o[3]), None))
+    accepted = sum(outcome["accepted"] for outcome in outcomes)
+    elapsed = max(outcome["end"] for outcome in outcomes) - start
+    ids = [queue_id for outcome in outcomes for queue_id in outcome["ids"]]
+    return dict(rate=accepted / elapsed, accepted=accepted, greeting=outcomes[-1]["greeting"],
+                reply=outcomes[-1]["reply"], duplicates=len(ids) - len(set(ids)),
+                error=next((o["error"] for o in outcomes if o["error"]), None))
 
 
 def filesystem(path):
@@ -1158,9 +1165,10 @@ def section_intake(plan, tmp):
                 f"at once, one connection per message (EHLO, MAIL, RCPT, DATA, QUIT), "
                 f"{plan.intake} messages per contender and round",
                 ["contender", "messages/s", "x Postfix" if POSTFIX in rates else "x minimail",
-                 "failed"],
+                 "failed", "IDs named twice"],
                 [[name, spread(values, 0), ratio(values, base),
-                  str(sum(plan.intake - r["accepted"] for r in results[name]))]
+                  str(sum(plan.intake - r["accepted"] for r in results[name])),
+                  str(sum(r["duplicates"] for r in results[name]))]
                  for name, values in rates.items()],
                 notes=[*notes,
                        "minimail: --tunnel-command false --queue DIR --linger 0 --jitter 0: "
@@ -1168,14 +1176,18 @@ def section_intake(plan, tmp):
                        f"Counted: 250 replies to DATA.  Queues on {filesystem(tmp)}; the "
                        "clients are forked processes.  One connection per message as cron, "
                        "sendmail and smtp-source (Postfix's own benchmark client) do.",
+                       "IDs named twice: 250 replies whose 'queued as ID' named an ID that an "
+                       "earlier reply of the round had named (one of the two mails may be lost).",
                        *compare_notes(rates, [("messages/s", None)]),
                        *(f"error: {error}" for error in errors)])
 
 
-def flush_round(state, hoster, count):
+def flush_round(state, hoster, count, stall=10.0, time_cap=120.0):
     """Queue count messages while the tunnel command fails, then allow the tunnel and
-    send SIGUSR1; return (messages/s from the signal until the hoster has all, ms until
-    the first arrived)."""
+    send SIGUSR1.  Return dict(rate: messages/s from the signal until the hoster has all,
+    or None if it never had; first: ms until the first arrived; missing: how many of the
+    count never arrived (waiting ends stall seconds after the last arrival);
+    duplicates: queue IDs named twice in the 250 replies)."""
     port, child, flag = state
     flag.unlink(missing_ok=True)
     wait_for(lambda: len(child.tree()) == 1, 15, "minimail's tunnel to end", every=0.01)
@@ -1188,20 +1200,21 @@ def flush_round(state, hoster, count):
     flag.touch()
     start = time.perf_counter()
     os.kill(child.pid, signal.SIGUSR1)
-    first, deadline = None, start + 120
-    while hoster.received() < before + count and time.perf_counter() < deadline:
-        if first is None and hoster.received() > before:
-            first = time.perf_counter()
+    first, seen, progress = None, before, start
+    while hoster.received() < before + count:
+        now = time.perf_counter()
+        if hoster.received() > seen:
+            seen, progress = hoster.received(), now
+            first = first or now
+        if now - progress > stall or now - start > time_cap:
+            break
         time.sleep(0.001)
-    got = hoster.received() - before
-    if got < count:
-        raise RuntimeError(f"minimail flushed {got} of {count} queued mails within 120 s: "
-                           f"{child.log_tail()[-500:]}")
     elapsed = hoster.last_arrival() - start
     time.sleep(0.05)
-    if hoster.received() - before != count:
-        raise RuntimeError(f"the hoster got {hoster.received() - before} of {count} mails")
-    return count / elapsed, ((first or hoster.last_arrival()) - start) * 1000
+    got = hoster.received() - before       # more than count: late mail of an earlier round
+    return dict(rate=count / elapsed if got >= count else None, missing=max(0, count - got),
+                extra=max(0, got - count), duplicates=queued["duplicates"],
+                first=((first or hoster.last_arrival()) - start) * 1000 if got else None)
 
 
 def splice_round(state, hoster, count):
@@ -1226,7 +1239,7 @@ def splice_round(state, hoster, count):
         smtp.quit()
     finally:
         smtp.close()
-    if hoster.received() - before != count:
+    if hoster.received() - before < count:         # more: queued mail that came along
         raise RuntimeError(f"the hoster got {hoster.received() - before} of {count} mails")
     return count / elapsed
 
@@ -1270,25 +1283,32 @@ def section_delivery(plan, tmp):
         hoster.stop()
     rows, rounds = [], {}
     for copy in copies:
-        flush = [rate for rate, _ in results[(copy.name, "flush")]]
-        first = [ms for _, ms in results[(copy.name, "flush")]]
+        flushes = results[(copy.name, "flush")]
+        flush, first = [r["rate"] for r in flushes], [r["first"] for r in flushes]
         splice = results[(copy.name, "splice")]
         rounds[copy.name] = [dict(flush=f, splice=s) for f, s in zip(flush, splice)]
         verdict = ratio(flush, splice)
         rows.append([copy.name, spread(flush, 0), spread(first, 0), spread(splice, 0),
                      paired_ratio(flush, splice),
-                     "n/a" if verdict == "n/a" else ("met" if float(verdict) >= 0.5 else "missed")])
+                     "n/a" if verdict == "n/a" else ("met" if float(verdict) >= 0.5 else "missed"),
+                     str(sum(r["missing"] for r in flushes)),
+                     str(sum(r["duplicates"] for r in flushes))])
     print_table(f"{title}: {plan.delivery} queued 10 KiB messages flushed through one tunnel "
                 f"(SIGUSR1) against the same {plan.delivery} through minimail's splice on one "
                 "connection (messages/s)",
                 ["contender", "flush msgs/s", "first after ms", "splice msgs/s",
-                 "flush / splice", "goal >= 0.5"], rows,
+                 "flush / splice", "goal >= 0.5", "never arrived", "IDs named twice"], rows,
                 notes=["flush: from SIGUSR1 (the tunnel command may now start socat to the "
                        "hoster) until the hoster has all; it includes starting the tunnel "
                        "(see 'first after').  splice: one smtplib connection through a tunnel "
-                       "already up, from the first MAIL to the last 250.",
+                       "already up, from the first MAIL to the last 250.  A round in which some "
+                       "queued mail never arrived (none for 10 s) has no flush rate.",
                        *compare_notes(rounds, [("flush msgs/s", "flush"),
-                                               ("splice msgs/s", "splice")])])
+                                               ("splice msgs/s", "splice")]),
+                       *(f"{name}: {n} mail(s) more than queued reached the hoster during "
+                         "flushes (late mail of an earlier round)" for name, n in
+                         ((copy.name, sum(r["extra"] for r in results[(copy.name, "flush")]))
+                          for copy in copies) if n)])
 
 
 def section_sendmail(plan, tmp):
