@@ -2,19 +2,22 @@
 """minimail: a local SMTP port that sends your mail through an SSH tunnel.
 
 minimail listens on the local SMTP port.  When a mail client connects, it
-starts `ssh -L ... DESTINATION` on demand, waits until the tunnel accepts,
-and splices the client's connection through it to the SMTP server that
+starts `ssh -L ... DESTINATION` on demand, waits until the tunnel is up, and
+splices the client's connection through it to the SMTP server that
 DESTINATION reaches (--remote), so the mail leaves through your hoster.
-Bytes a client sends early wait in the kernel until the tunnel is up; none
-are dropped.  When the tunnel cannot be had within --wait seconds, the client
-gets "421 4.4.0" and keeps its mail queued.  --linger seconds (plus a random
+Bytes a client sends early are never dropped.  When the tunnel cannot be
+had, minimail answers the client itself, keeps the mail in its queue and
+delivers it once the hoster can be reached.  --linger seconds (plus a random
 0..--jitter) after the last client has gone, ssh is stopped again.
 
 Usage:
   minimail stop [options]
   minimail status [--json] [options]
+  minimail queue [--json] [options]
+  minimail flush [options]
+  minimail sendmail [FLAG]... [--] [RECIPIENT]...
   minimail [start | restart | check | --foreground] [options] [-o OPT]...
-           (DESTINATION | --tunnel-command=CMD)
+           [DESTINATION | --tunnel-command=CMD]
   minimail -h | --help
   minimail --version
 
@@ -23,9 +26,13 @@ Commands:
             DESTINATION` does) and return once the daemon listens.
   stop      Stop the daemon and wait until it is gone.
   restart   Stop the daemon if it runs, then start it.
-  status    Say whether the daemon runs, and what its tunnel and clients do
-            (exit 0 when it runs, 3 when it does not).
+  status    Say whether the daemon runs, and what its tunnel, clients and
+            queue do (exit 0 when it runs, 3 when it does not).
   check     Try the tunnel once, as the daemon would, and say what is wrong.
+  queue     List the mail waiting in the queue, and what failed.
+  flush     Ask the daemon to deliver the queue now.
+  sendmail  Submit one message from standard input, as sendmail(8) does:
+            see "The sendmail command" below.
   (none)    The same as start; with --foreground, stay in the foreground
             and log to stderr (as under systemd).
 
@@ -46,7 +53,13 @@ Options:
   --jitter=SECONDS          Add a random 0..SECONDS to each linger, so the
                             logins look human. [default: 25]
   --wait=SECONDS            How long a client waits for the tunnel before
-                            it gets 421. [default: 30]
+                            minimail takes its mail into the queue (or
+                            answers 421 with --no-queue). [default: 30]
+  --greeting-wait=SECONDS   Through a tunnel that was already up, the far
+                            side must say its first word within this
+                            long, or the tunnel is stale: minimail
+                            replaces it and puts the client through the
+                            new one; 0 turns this off. [default: 10]
   --idle-timeout=SECONDS    Close a client after this long without a byte
                             in either direction; 0 means never.
                             [default: 300]
@@ -64,37 +77,86 @@ Options:
                             one) as the tunnel instead of ssh; while it
                             runs, it must accept connections on the
                             tunnel port.
+  --queue=DIR               Where mail waits while the hoster cannot be
+                            reached (see Files below).
+  --no-queue                Keep no queue: answer 421 when the tunnel
+                            cannot be had, as a plain relay would.
+  --queue-lifetime=DAYS     Return mail to its sender when it could not be
+                            delivered in this many days. [default: 5]
+  --queue-retry=SECONDS     Try a queued mail again after this long, then
+                            after twice as long each time, at most an
+                            hour apart. [default: 60]
+  --max-size=BYTES          The largest message the queue accepts.
+                            [default: 52428800]
   -u USER, --user=USER      When started as root: the user to become once
                             the port is bound (default: $SUDO_USER).  To
                             keep root, say --user root.
   --pidfile=PATH            The daemon's pid file (see Files below).
   --logfile=PATH            The daemon's log file (see Files below).
-  --json                    With status: print the daemon's state as JSON.
+  --config=FILE             The settings file (see Settings below).
+  --json                    With status and queue: print JSON.
   -v, --verbose             Log debug messages too.
   -h, --help                Show this text.
   --version                 Show the version.
 
-The tunnel: by default minimail runs "ssh -T ... -L SOCKET:REMOTE DESTINATION
-cat" with the options BatchMode=yes and ExitOnForwardFailure=yes, then yours
-from -o, then ServerAliveInterval=15, ServerAliveCountMax=3, ControlMaster=no,
-ControlPath=none and StreamLocalBindUnlink=yes (ssh takes the first value it
-is given, so your -o can change the later ones but not the first two),
-where SOCKET lies in a directory only minimail's user can enter.  The remote
-`cat` holds a session open (ssh's stdin stays an open pipe): without a
-session OpenSSH never turns on TCP_NODELAY and every mail stalls on Nagle's
-algorithm.  If DESTINATION ends that session at once (a forced command, a
-restricted shell), minimail falls back to "ssh -N" by itself.
+The tunnel: by default minimail runs "ssh -o BatchMode=yes -o
+ExitOnForwardFailure=yes [--ssh's own arguments] -T [your -o options]
+... -L SOCKET:REMOTE DESTINATION cat", then ServerAliveInterval=15,
+ServerAliveCountMax=3, ControlMaster=no, ControlPath=none and
+StreamLocalBindUnlink=yes (ssh takes the first value it is given, so
+your -o can change the later ones but never the first two), where SOCKET
+lies in a directory only minimail's user can enter.  The remote `cat` holds a
+session open (ssh's stdin stays an open pipe): without a session OpenSSH
+never turns on TCP_NODELAY and every mail stalls on Nagle's algorithm.  If
+DESTINATION ends that session at once (a forced command, a restricted
+shell), minimail falls back to "ssh -N" by itself.  The tunnel runs in a
+process group of its own and dies with minimail.
 
-Files: as root, the pid file is /run/minimail/minimail.pid and the log
-/var/log/minimail.log; otherwise the pid file is in $XDG_RUNTIME_DIR/minimail
-(or ~/.local/state/minimail) and the log in ~/.local/state/minimail.  The
-state file that `status` reads lies beside the pid file.  With --foreground,
-minimail logs to stderr and writes a pid file only when --pidfile is given.
+The queue: when the tunnel cannot be had (ssh fails, it is not up in
+time, or the far side closes without a word), minimail serves the SMTP
+session itself and answers "250 2.0.0 queued as ID" once the mail is on
+disk.  It delivers the queue through the tunnel when the tunnel comes up
+for anyone, at each mail's next try (1, 2, 4 ... minutes), and on `minimail
+flush` (or SIGUSR1).  What the hoster refuses for good, or what waited
+longer than --queue-lifetime, goes back to its sender as a bounce.
+
+Settings: `minimail start` and `minimail --foreground` without DESTINATION
+take DESTINATION and options from a settings file, and the sendmail
+command takes its settings from the same file.  It is --config, else
+$MINIMAIL_CONFIG, else $XDG_CONFIG_HOME/minimail/minimail.conf
+(~/.config/minimail/minimail.conf) if it exists, else
+/etc/default/minimail.  It holds shell-style lines: MINIMAIL_DESTINATION
+(user@hoster), MINIMAIL_OPTIONS (options, split as a shell would: --listen
+there is where sendmail submits), MINIMAIL_SENDER (the envelope sender of
+local mail) and MINIMAIL_ADMIN (where mail to a local name such as root
+goes).  Options on the command line win over the file's.
+
+The sendmail command: `minimail sendmail`, or minimail run under the name
+sendmail (a symlink), reads one message from standard input and submits it
+to the local minimail, which delivers or queues it; under the name mailq it
+is `minimail queue`.  Flags as sendmail's: -t (recipients from To, Cc and
+Bcc; Bcc removed), -i or -oi (a lone dot does not end the message), -f ADDR
+or -r ADDR (envelope sender), -F NAME (full name), -B 8BITMIME|7BIT, -bm
+(the default), -bp (list the queue), -bs (SMTP on standard input and
+output), -q (flush), -v (show the SMTP dialogue); any other -o... and the
+historic -L, -N, -R, -V, -X, -h and -C with their values are ignored.  Exit
+status as sysexits.h: 0 accepted, 64 usage, 65 bad message, 67 every
+recipient refused, 69 refused for another reason, 75 try again later
+(minimail cannot be reached, or answered 4xx).
+
+Files: as root, the pid file is /run/minimail/minimail.pid, the log
+/var/log/minimail.log and the queue /var/spool/minimail; otherwise the pid
+file is in $XDG_RUNTIME_DIR/minimail (or ~/.local/state/minimail), the log
+in ~/.local/state/minimail and the queue in ~/.local/state/minimail/queue.
+The state file that `status` reads lies beside the pid file.  In the
+foreground, minimail logs to stderr and writes a pid file only when told
+where (--pidfile).
 
 Privileges: started as root, minimail binds the port, then becomes --user for
 good before it runs ssh, so ssh uses that user's keys and known_hosts.  Under
 systemd, minimail.service grants the port without root, and minimail.socket
-hands over a bound socket (socket activation).  SIGHUP reopens the log file.
+hands over a bound socket (socket activation).  SIGHUP reopens the log file
+and never stops minimail.
 
 Stopping: SIGTERM or SIGINT stops accepting clients at once, lets active
 sessions finish for up to --drain seconds, then closes them, stops ssh and
@@ -106,14 +168,13 @@ listen address is taken), 2 for a usage error.
 
 import collections
 import ctypes
+import enum
 import errno
 import fcntl
-import importlib
 import ipaddress
 import json
 import logging
 import math
-import mmap
 import os
 import pwd
 import random
@@ -124,24 +185,35 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import time
-from contextlib import closing
 
-import gevent
-import gevent.socket
-from docopt import DocoptExit, docopt
-from gevent import subprocess
-from gevent.event import Event
-from gevent.pool import Pool
-from gevent.server import StreamServer
+# gevent, docopt and the mail modules are imported where they are used: the
+# sendmail command (cron, mail(1)) must start fast and never loads them.
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 log = logging.getLogger("minimail")
 
-#: Options ssh always gets first; first-given wins in ssh, so -o cannot undo them.
+# Who owns what (one writer per piece of state):
+#   Settings      the command line and the settings file, checked once.
+#   Child         one launch of the tunnel command: its process group, stderr
+#                 reader, endpoint, `died` event, and its non-blocking stop.
+#   Supervisor    the tunnel's state (down, starting, up, stopping) and every
+#                 Child; it alone writes them, deciding with decide().  Others
+#                 post what they know (arrived, left, got through, stale).
+#   Forwarder     the listening socket, the sessions, the splice pools and
+#                 every 421; it hands a session it cannot pass on to the queue.
+#   Spool         the queue directory: durable writes, envelopes, failed/.
+#   Receiver      serves one SMTP session itself, into the spool.
+#   QueueRunner   delivers the spool through the tunnel, bounces what fails.
+#   daemon files  pid file (locked), state file, log file, privileges.
+#   sendmail      the sendmail(8) command: stdlib only, no gevent.
+
+#: Options ssh always gets right after its name; ssh keeps the first value it
+#: is given, so neither --ssh's arguments nor -o can undo them.
 SSH_FORCED_OPTIONS = ("BatchMode=yes", "ExitOnForwardFailure=yes")
 #: Options ssh gets after the user's own -o, which may override them.
 SSH_DEFAULT_OPTIONS = (
@@ -171,41 +243,70 @@ READ, WRITE = 1, 2
 POOL_SIZE = 32
 #: splice(2) flags: move pages rather than copy them; never block on the pipe.
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+#: What a client's early bytes are kept for, until the far side's first byte:
+#: to replay them into a fresh tunnel or into the queue.
+REPLAY_LIMIT = 64 * 1024
 
-#: While the tunnel starts, a waiting client tries to connect this often (seconds)...
+#: While a TCP tunnel starts, a waiting client tries to connect this often...
 POLL_FAST = 0.005
 #: ...for this long, as ssh is normally up by then...
 POLL_FAST_FOR = 2.0
 #: ...and then this often, so that many clients waiting on a slow start cost little.
 POLL_SLOW = 0.05
+#: How often a waiting client looks whether it has hung up meanwhile.
+CLIENT_LOOK = 0.1
 
-#: Seconds ssh gets to end by itself after its stdin closes, then to obey SIGTERM.
+#: Seconds a stopping child gets for each step: stdin closed, SIGTERM, SIGKILL.
 STOP_GRACE = 3.0
 #: Backoff after the n-th tunnel start in a row that failed: 1, 2, 4 ... seconds.
 BACKOFF_FIRST = 1.0
 #: Longest backoff between two failed tunnel starts.
 BACKOFF_MAX = 60.0
+#: CLOCK_BOOTTIME ahead of CLOCK_MONOTONIC by more than this since the last
+#: look: the machine was asleep.
+SLEEP_NOTICED = 3.0
+#: While a tunnel runs, the supervisor looks at the clocks at least this often.
+SLEEP_LOOK_EVERY = 5.0
 #: After a 421, how long minimail reads (and drops) what the client still sends,
 #: so that closing does not reset the connection before the reply arrives.
 REPLY_LINGER = 1.0
+#: SMTP's limit for a reply line, CRLF included (RFC 5321, 4.5.3.1.5).
+REPLY_MAX = 512
 #: The listen backlog; the kernel caps it at net.core.somaxconn.
 LISTEN_BACKLOG = 4096
 #: Lines of the tunnel's stderr kept for `check` and the 421 reply.
 STDERR_TAIL = 20
+#: A line of the tunnel's stderr is cut to this many characters; the rest of
+#: the line is read in pieces of STDERR_PIECE bytes and dropped.
+STDERR_LINE_MAX = 300
+STDERR_PIECE = 4096
 #: Environment variables of a service manager that the tunnel must not inherit.
 SERVICE_VARIABLES = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
-#: prctl(2): the ambient capability set, and its operation that clears it.
+#: prctl(2) operations: the parent-death signal; the ambient capability set.
+PR_SET_PDEATHSIG = 1
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 #: The first file descriptor systemd passes with socket activation.
 SD_LISTEN_FDS_START = 3
 #: The open-files limit to aim for when the hard limit is unlimited.
 OPEN_FILES_CAP = 1 << 20
+#: Descriptors one client can hold: its socket, the tunnel's, two splice pipes.
+FDS_PER_CLIENT = 6
+#: Descriptors minimail needs besides its clients (log, listener, queue, ssh).
+FDS_SPARE = 64
+#: How long accepting pauses when minimail has run out of file descriptors.
+ACCEPT_PAUSE = 0.1
 #: Changes to the daemon's state within this many seconds make one write of the state file.
 STATE_DELAY = 0.05
-#: How long `minimail stop` waits for the daemon to end before it kills it.
-STOP_WAIT = 30.0
+#: The most of a state or settings file minimail reads: they come from outside.
+SMALL_FILE_MAX = 64 * 1024
+#: `minimail stop` waits for the daemon's drain plus this, then kills it.
+STOP_MARGIN = 15.0
+#: The drain `stop` assumes when the daemon's state file does not say.
+DEFAULT_DRAIN = 10.0
 #: How long `minimail check` waits for the far side's greeting.
-GREETING_WAIT = 10.0
+CHECK_GREETING_WAIT = 10.0
+#: The longest Unix socket path (sun_path holds 108 bytes with the final NUL).
+SOCKET_PATH_MAX = 107
 
 
 class UsageError(Exception):
@@ -224,8 +325,16 @@ class ClientGone(Exception):
     """The client hung up before the tunnel was up."""
 
 
+class OutOfDescriptors(Exception):
+    """minimail has no file descriptor left for this client (EMFILE, ENFILE)."""
+
+
+def out_of_descriptors(exc):
+    return isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE)
+
+
 # ---------------------------------------------------------------------------
-# Parsing the command line
+# Parsing the command line and the settings file
 # ---------------------------------------------------------------------------
 
 def parse_port(text, what):
@@ -271,14 +380,18 @@ def parse_remote(text):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def parse_seconds(text, what):
-    """Return text as a non-negative number of seconds."""
+def parse_seconds(text, what, least=0.0, zero_ok=True):
+    """Return text as a number of seconds: 0 (if zero_ok) or at least `least`."""
     try:
         seconds = float(text)
     except ValueError:
         raise UsageError(f"{what}: {text!r} is not a number of seconds") from None
     if not 0 <= seconds < float("inf"):
         raise UsageError(f"{what}: {text!r} must be zero or more seconds")
+    if seconds == 0 and not zero_ok:
+        raise UsageError(f"{what}: {text!r} must be more than 0 seconds")
+    if 0 < seconds < least:
+        raise UsageError(f"{what}: {text!r} is too short: 0, or at least {least:g} s")
     return seconds
 
 
@@ -308,39 +421,141 @@ def parse_command(text, what):
 
 
 def option_table():
-    """{name: takes a value} for every option the docstring's Options list defines."""
+    """{name: (canonical name, takes a value)} for every option of the docstring."""
     table = {}
     for line in __doc__.partition("Options:")[2].splitlines():
         head = line.strip().split("  ")[0]
         if head.startswith("-"):
-            for name, value in re.findall(r"(--?[\w-]+)([= ]\w+)?", head):
-                table[name] = bool(value)
+            names = re.findall(r"(--?[\w-]+)([= ]\w+)?", head)
+            for name, value in names:
+                table[name] = (names[-1][0], bool(value))
     return table
+
+
+#: The docstring's command words (a positional word that is not DESTINATION).
+COMMANDS = ("start", "stop", "status", "restart", "check", "queue", "flush", "sendmail")
+
+
+def split_argv(argv):
+    """Split argv into [(canonical option, value or None)] and positional words;
+    raise UsageError for an option the docstring does not define."""
+    known, options, positional = option_table(), [], []
+    words = iter(argv)
+    for word in words:
+        if not word.startswith("-") or word == "-":
+            positional.append(word)
+            continue
+        name, equals, value = word.partition("=") if word.startswith("--") else (word[:2], "", word[2:])
+        if name not in known:
+            raise UsageError(f"unknown option {name}")
+        canonical, takes_value = known[name]
+        if takes_value and not (equals or value):
+            value = next(words, None)
+        options.append((canonical, value if takes_value else None))
+    return options, positional
 
 
 def explain_usage_error(argv, complaint):
     """Say in one line what is wrong with argv, which docopt has rejected."""
-    known, given, positional = option_table(), set(), []
-    words = iter(argv)
-    for word in words:
-        name = word.partition("=")[0] if word.startswith("--") else word[:2]
-        if not word.startswith("-") or word == "-":
-            positional.append(word)
-        elif name not in known:
-            return f"unknown option {name}"
-        else:
-            given.add(name)
-            if known[name] and word == name:
-                next(words, None)             # the option's value
+    try:
+        options, positional = split_argv(argv)
+    except UsageError as exc:
+        return str(exc)
+    given = {name for name, _ in options}
     if complaint and not complaint.startswith("Warning:"):
         return complaint                      # e.g. "--listen requires argument"
-    if not positional and "--tunnel-command" not in given:
-        return "DESTINATION is missing: the ssh destination, [user@]host"
+    positional = [w for w in positional if w not in COMMANDS]
     if positional and "--tunnel-command" in given:
         return "give DESTINATION or --tunnel-command, not both"
     if len(positional) > 1:
         return f"unexpected argument {positional[1]!r}"
     return "these arguments fit none of the usage lines below"
+
+
+def merge_settings_file(argv, settings_file):
+    """argv with the settings file's options before it and its DESTINATION after
+    it, when argv names no DESTINATION and no --tunnel-command.  An option on
+    the command line replaces the file's (but -o adds to them)."""
+    options, positional = split_argv(argv)
+    if any(w not in COMMANDS for w in positional) or \
+            any(name == "--tunnel-command" for name, _ in options):
+        return argv
+    given = {name for name, _ in options if name != "-o"}
+    words = []
+    for name, value in split_argv(settings_file.options)[0]:
+        if name not in given:
+            words += [name] if value is None else [name, value]
+    return words + list(argv) + ([settings_file.destination] if settings_file.destination else [])
+
+
+class SettingsFile:
+    """The settings shared by the daemon and the sendmail command: a file of
+    shell-style KEY=VALUE lines (what systemd's EnvironmentFile= reads too)."""
+
+    KEYS = ("MINIMAIL_DESTINATION", "MINIMAIL_OPTIONS", "MINIMAIL_SENDER", "MINIMAIL_ADMIN")
+
+    def __init__(self, path=None, values=None):
+        self.path = path
+        values = values or {}
+        self.destination = values.get("MINIMAIL_DESTINATION") or None
+        self.sender = values.get("MINIMAIL_SENDER") or None
+        self.admin = values.get("MINIMAIL_ADMIN") or None
+        options = values.get("MINIMAIL_OPTIONS", "")
+        try:
+            self.options = shlex.split(options)
+        except ValueError as exc:
+            raise UsageError(f"{path}: MINIMAIL_OPTIONS: {exc}") from None
+
+    @classmethod
+    def find(cls, explicit=None):
+        """The settings file in force (see Settings in the docstring); an empty
+        one when there is none."""
+        path = explicit or os.environ.get("MINIMAIL_CONFIG")
+        if not path:
+            config_home = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+            own = os.path.join(config_home, "minimail", "minimail.conf")
+            path = own if os.geteuid() != 0 and os.path.exists(own) else "/etc/default/minimail"
+            if not os.path.exists(path):
+                return cls()
+        return cls.read(path)
+
+    @classmethod
+    def read(cls, path):
+        try:
+            with open(path, "rb") as f:
+                text = f.read(SMALL_FILE_MAX + 1)
+        except OSError as exc:
+            raise UsageError(f"cannot read the settings file {path}: {exc.strerror}") from None
+        if len(text) > SMALL_FILE_MAX:
+            raise UsageError(f"{path}: larger than {SMALL_FILE_MAX} bytes: not a settings file")
+        values = {}
+        for number, line in enumerate(text.decode("utf-8", "replace").splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            key, equals, value = line.removeprefix("export ").partition("=")
+            key, value = key.strip(), value.strip()
+            if not equals or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise UsageError(f"{path}:{number}: not a KEY=VALUE line")
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            if key.startswith("MINIMAIL_") and key not in cls.KEYS:
+                raise UsageError(f"{path}:{number}: unknown setting {key} "
+                                 f"(known: {', '.join(cls.KEYS)})")
+            values[key] = value
+        return cls(path, values)
+
+    def option(self, name):
+        """The last value MINIMAIL_OPTIONS gives an option (canonical name), or None."""
+        found = None
+        for option, value in split_argv(self.options)[0]:
+            if option == name:
+                found = value
+        return found
+
+    def listen(self):
+        """Where the daemon listens, as the file's MINIMAIL_OPTIONS say."""
+        return parse_listen(self.option("--listen") or "127.0.0.1:25")
 
 
 class Settings:
@@ -352,8 +567,9 @@ class Settings:
         self.remote = parse_remote(args["--remote"])
         self.linger = parse_seconds(args["--linger"], "--linger")
         self.jitter = parse_seconds(args["--jitter"], "--jitter")
-        self.wait = parse_seconds(args["--wait"], "--wait")
-        self.idle_timeout = parse_seconds(args["--idle-timeout"], "--idle-timeout")
+        self.wait = parse_seconds(args["--wait"], "--wait", zero_ok=False)
+        self.greeting_wait = parse_seconds(args["--greeting-wait"], "--greeting-wait")
+        self.idle_timeout = parse_seconds(args["--idle-timeout"], "--idle-timeout", least=0.1)
         self.max_clients = parse_count(args["--max-clients"], "--max-clients")
         self.drain = parse_seconds(args["--drain"], "--drain")
         self.ssh = parse_command(args["--ssh"], "--ssh")
@@ -363,10 +579,19 @@ class Settings:
         self.user = args["--user"]
         self.pidfile = args["--pidfile"] and os.path.abspath(args["--pidfile"])
         self.logfile = args["--logfile"] and os.path.abspath(args["--logfile"])
+        self.queue = None if args["--no-queue"] else \
+            os.path.abspath(args["--queue"] or default_paths().queue)
+        self.queue_lifetime = parse_seconds(args["--queue-lifetime"], "--queue-lifetime",
+                                            zero_ok=False) * 86400
+        self.queue_retry = parse_seconds(args["--queue-retry"], "--queue-retry", zero_ok=False)
+        self.max_size = parse_count(args["--max-size"], "--max-size")
         self.destination = args["DESTINATION"] if args["DESTINATION"] is None \
             else parse_destination(args["DESTINATION"])
         self.tunnel_command = args["--tunnel-command"] and parse_command(
             args["--tunnel-command"], "--tunnel-command")
+        if not self.destination and not self.tunnel_command:
+            raise UsageError("DESTINATION is missing: the ssh destination, [user@]host "
+                             "(or MINIMAIL_DESTINATION in the settings file)")
         if self.tunnel_command and not self.tunnel_port:
             raise UsageError("--tunnel-command needs --tunnel-port: where the command's tunnel accepts")
 
@@ -382,11 +607,25 @@ class Settings:
         family, ip, port = self.listen
         return f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
 
+    def describe_tunnel(self):
+        """How the tunnel is made, for the start-up line."""
+        if self.tunnel_command:
+            return f"{shlex.join(self.tunnel_command)} on 127.0.0.1:{self.tunnel_port}"
+        return f"ssh {self.destination} to {self.remote}"
+
+    def listens_on_loopback(self):
+        return ipaddress.ip_address(self.listen[1]).is_loopback
+
 
 def ssh_argv(ssh, options, forward, destination, session):
-    """Build ssh's argv: forced options, the user's -o, defaults, -L, and the session."""
-    argv = list(ssh) + ["-T"]
-    for option in (*SSH_FORCED_OPTIONS, *options, *SSH_DEFAULT_OPTIONS):
+    """Build ssh's argv: the forced options right after the program's name (so
+    nothing the user gives comes first), --ssh's own arguments, the user's -o,
+    the defaults, -L, and the session."""
+    argv = [ssh[0]]
+    for option in SSH_FORCED_OPTIONS:
+        argv += ["-o", option]
+    argv += list(ssh[1:]) + ["-T"]
+    for option in (*options, *SSH_DEFAULT_OPTIONS):
         argv += ["-o", option]
     argv += ["-L", forward]
     if not session:
@@ -398,8 +637,26 @@ def ssh_argv(ssh, options, forward, destination, session):
 
 
 # ---------------------------------------------------------------------------
-# The tunnel supervisor
+# Text from outside: ssh's stderr, the far side's words, files
 # ---------------------------------------------------------------------------
+
+def printable(raw, limit):
+    """Text safe for a log line, an SMTP reply or a terminal: at most `limit`
+    characters, with line breaks, escape codes and every other unprintable
+    character escaped (so nothing from outside can forge a line or move a
+    cursor)."""
+    if isinstance(raw, bytes):
+        raw = raw[:limit * 4].decode("utf-8", "replace")
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in raw.strip()[:limit])
+    return text[:limit]
+
+
+def smtp_reply_line(text):
+    """One SMTP reply line, CRLF included, of at most REPLY_MAX bytes."""
+    line = printable(text, REPLY_MAX).encode("ascii", "replace")[:REPLY_MAX - 2]
+    return line + b"\r\n"
+
 
 def describe_exit(code):
     """'exited with code 255' or 'killed by SIGKILL'."""
@@ -411,20 +668,139 @@ def describe_exit(code):
     return f"exited with code {code}"
 
 
-def earliest(*delays):
-    """The shortest of the delays that are set (None means no timer)."""
-    return min((d for d in delays if d is not None), default=None)
+#: How to read ssh's complaints: (pattern, the step that failed, the likely fix).
+SSH_TROUBLES = (
+    (r"Could not resolve hostname", "reach",
+     "check the host name in DESTINATION (or HostName in your ssh config)"),
+    (r"REMOTE HOST IDENTIFICATION HAS CHANGED", "host key",
+     "the hoster's host key changed: if that is expected, remove the old one with "
+     "ssh-keygen -R HOST, then accept the new one once"),
+    (r"Host key verification failed|host key is known|No \S+ host key", "host key",
+     "the hoster's host key is not known: accept it once with `ssh DESTINATION true` as the "
+     "user minimail runs as, or ssh-keyscan -p PORT HOST >> ~/.ssh/known_hosts (compare the "
+     "fingerprint with your hoster's)"),
+    (r"Permission denied|Too many authentication failures", "log in",
+     "the hoster did not accept the key: install it with ssh-copy-id -i KEY.pub DESTINATION and "
+     "point IdentityFile (or --ssh \"ssh -i KEY\") at it; a key with a passphrase needs an agent"),
+    (r"forwarding|cannot listen|bind", "forward",
+     "ssh could not open the forward: check that the hoster allows port forwarding "
+     "(AllowTcpForwarding, permitopen= in authorized_keys)"),
+    (r"Connection refused|timed out|No route to host|unreachable|Connection closed|"
+     r"Connection reset|kex_exchange_identification", "reach",
+     "check that the host is reachable and that the port is right (Port in your ssh config, "
+     "or --ssh \"ssh -p PORT\")"),
+)
 
 
-def wall_clock(moment):
-    """A time.monotonic() moment as seconds since the epoch (None stays None)."""
-    return None if moment is None else time.time() - (time.monotonic() - moment)
+def most_telling(lines):
+    """Of what the tunnel said, the line that best says why it failed: the
+    first that names a known trouble, else the first (not the last: after a
+    bad argument that would be the last line of ssh's usage text)."""
+    for line in lines:
+        if any(re.search(pattern, line) for pattern, _, _ in SSH_TROUBLES):
+            return line
+    return lines[0] if lines else None
 
 
-def unlink_socket(endpoint):
-    """Remove the tunnel's Unix socket, if it is one and it is there."""
-    if isinstance(endpoint, str) and os.path.lexists(endpoint):
-        os.unlink(endpoint)
+# ---------------------------------------------------------------------------
+# The tunnel: one Child per launch, one Supervisor over them
+# ---------------------------------------------------------------------------
+
+class Phase(enum.Enum):
+    """The tunnel's state, as the supervisor keeps it."""
+    DOWN = "down"              # no child
+    STARTING = "starting"      # a child runs, its forward is not known to work yet
+    UP = "up"                  # the forward works
+    STOPPING = "stopping"      # no current child; an old one is being stopped
+
+
+class Action(enum.Enum):
+    NOTHING = "nothing"
+    LAUNCH = "launch"                        # start a child for the waiting clients
+    GIVE_UP = "give up"                      # the child was not up within --wait
+    STOP = "stop"                            # the countdown ran out
+    START_COUNTDOWN = "start countdown"      # the last client has gone
+    CANCEL_COUNTDOWN = "cancel countdown"    # a client came
+
+
+#: What decide() looks at: the supervisor's state, its clients and its timers.
+Facts = collections.namedtuple(
+    "Facts", "now phase clients launched_at countdown_ends retry_at closing endpoint_busy")
+#: What decide() says: one action, and when to look again (None: only when told).
+Plan = collections.namedtuple("Plan", "action wake_at")
+
+
+def earliest(*moments):
+    """The earliest of the moments that are set (None means no timer)."""
+    return min((m for m in moments if m is not None), default=None)
+
+
+def decide(facts, wait):
+    """The supervisor's next step; a pure function of (state, clients, timers,
+    now), so that every transition is a unit test."""
+    f = facts
+    if f.phase in (Phase.DOWN, Phase.STOPPING):
+        if not f.clients or f.closing or f.endpoint_busy:
+            return Plan(Action.NOTHING, None)
+        if f.now < f.retry_at:
+            return Plan(Action.NOTHING, f.retry_at)          # backing off
+        return Plan(Action.LAUNCH, None)
+    start_deadline = f.launched_at + wait if f.phase is Phase.STARTING else None
+    if start_deadline is not None and f.now >= start_deadline:
+        return Plan(Action.GIVE_UP, None)
+    if f.clients:
+        cancel = f.countdown_ends is not None
+        return Plan(Action.CANCEL_COUNTDOWN if cancel else Action.NOTHING, start_deadline)
+    if f.countdown_ends is None:
+        return Plan(Action.START_COUNTDOWN, start_deadline)
+    if f.now >= f.countdown_ends:
+        return Plan(Action.STOP, None)
+    return Plan(Action.NOTHING, earliest(f.countdown_ends, start_deadline))
+
+
+class Verdict(enum.Enum):
+    STOPPED = "stopped"            # minimail stopped it
+    NO_SESSION = "no session"      # the account may run no command: use ssh -N
+    DIED = "died"                  # it worked, then ended by itself
+    FAILED = "failed"              # it never worked: a failed start
+
+
+def judge_exit(code, stopped, was_up, session):
+    """Why a child ended, from its exit status and what minimail knows."""
+    if stopped:
+        return Verdict.STOPPED
+    if session and code is not None and 0 <= code != SSH_ERROR_STATUS:
+        return Verdict.NO_SESSION
+    return Verdict.DIED if was_up else Verdict.FAILED
+
+
+def backoff(failures, first=BACKOFF_FIRST, most=BACKOFF_MAX):
+    """Seconds to wait after the n-th failed start in a row: 1, 2, 4 ... most."""
+    return min(most, first * 2 ** (failures - 1))
+
+
+def boottime():
+    """CLOCK_BOOTTIME, which runs on while the machine sleeps (Linux)."""
+    return time.clock_gettime(getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC))
+
+
+class SleepWatch:
+    """Notices that the machine slept: CLOCK_BOOTTIME runs on during suspend,
+    CLOCK_MONOTONIC (and every libev timer) stands still."""
+
+    def __init__(self, clocks=(time.monotonic, boottime)):
+        self.clocks = clocks
+        self.offset = self.read()
+
+    def read(self):
+        monotonic, boot = self.clocks
+        return boot() - monotonic()
+
+    def slept(self):
+        """Seconds asleep since the last look, or 0 when not noticeably."""
+        offset = self.read()
+        asleep, self.offset = offset - self.offset, offset
+        return asleep if asleep > SLEEP_NOTICED else 0.0
 
 
 def child_environment():
@@ -432,88 +808,98 @@ def child_environment():
     return {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES}
 
 
-class Tunnel:
-    """The tunnel child process, owned by one supervisor greenlet.
+def signal_group(pgid, signum):
+    """Signal a process group that may be gone already."""
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
 
-    Clients call acquire() when they arrive and release() when they leave; the
-    supervisor (run) starts the child when a client needs it, reaps it when it
-    exits, and stops it once no client has been active for the linger time.
-    Handlers learn of changes through `changed`, an Event replaced on each one.
-    """
 
-    def __init__(self, settings, endpoint):
-        self.settings = settings
-        self.endpoint = endpoint          # Unix socket path, or a TCP port
-        self.session = settings.session and not settings.tunnel_command
-        self.active = 0                   # clients between acquire and release
-        self.state = "down"               # down, starting, up, stopping
+def exited(pid):
+    """True once pid has exited: gone, or a zombie not yet reaped (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def dies_with(parent, prctl):
+    """A preexec function: the child gets SIGKILL when minimail dies (even by
+    kill -9), and ends at once if minimail has died already."""
+    def preexec():
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+    return preexec
+
+
+def libc_function(name):
+    """A libc function through ctypes (resolved before forks and privilege drops)."""
+    return getattr(ctypes.CDLL(None, use_errno=True), name)
+
+
+class Child:
+    """One launch of the tunnel command: its process group, its stderr, its
+    own endpoint, its `died` event, and a stop that never blocks.
+
+    The supervisor alone calls launch() and stop() and writes `phase`; the
+    child's own watcher greenlet reaps it and then calls on_exit(child)."""
+
+    def __init__(self, argv, endpoint, session, grace, on_exit):
+        from gevent.event import Event
+        self.argv = argv
+        self.endpoint = endpoint        # this launch's Unix socket path, or a TCP port
+        self.session = session          # holds a remote `cat` open (ssh's stdin)
+        self.grace = grace
+        self.on_exit = on_exit
         self.proc = None
-        self.started_at = None
-        self.stop_reason = None           # set when minimail stops the child
-        self.deadline = None              # when the countdown ends
-        self.failures = 0                 # failed starts in a row
-        self.last_exit = None             # the last child's exit status
-        self.closing = False              # minimail is stopping: no new child
-        self.retry_at = 0.0               # no start before this (backoff)
-        self.error = None                 # why the last start failed
-        self.stderr_tail = collections.deque(maxlen=STDERR_TAIL)
-        self.died = Event()               # set when this child is gone: its sessions are too
-        self.on_change = lambda: None     # e.g. the state file's writer
-        self.changed = Event()
-        self._wake = Event()
+        self.pid = None
+        self.phase = Phase.STARTING
+        self.launched_at = None
+        self.stop_reason = None         # set when minimail stops it
+        self.returncode = None
+        self.said = collections.deque(maxlen=STDERR_TAIL)   # its stderr, sanitized
+        self.died = Event()             # set when it is gone: its sessions are too
+        self.timers = []                # a stop's later steps
 
-    # -- what clients see ---------------------------------------------------
+    @property
+    def announces_up(self):
+        """A Unix socket appears only once ssh listens: no need to connect to know."""
+        return isinstance(self.endpoint, str)
 
-    def acquire(self):
-        """Count a client in: it needs the tunnel, and cancels any countdown."""
-        self.active += 1
-        self._wake.set()
+    def launch(self, now, prctl):
+        """Start the process in a new session (its own process group) that dies
+        with minimail; raises OSError if it cannot run."""
+        from gevent import spawn, subprocess
+        self.forget_endpoint()
+        self.proc = subprocess.Popen(
+            self.argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, start_new_session=True, env=child_environment(),
+            preexec_fn=dies_with(os.getpid(), prctl))
+        self.pid, self.launched_at = self.proc.pid, now
+        spawn(self.watch)
 
-    def release(self):
-        """Count a client out; the last one starts the countdown."""
-        self.active -= 1
-        self._wake.set()
+    def listening(self):
+        """True once the child's Unix socket is there (ssh made it: it listens)."""
+        try:
+            return stat.S_ISSOCK(os.stat(self.endpoint).st_mode)
+        except OSError:
+            return False
 
-    def check(self):
-        """Raise TunnelUnavailable while minimail backs off after a failed start,
-        or when it is stopping and the tunnel is gone."""
-        left = self.retry_at - time.monotonic()
-        if self.proc is None and left > 0:
-            raise TunnelUnavailable(f"{self.error}; next try in {math.ceil(left)} s")
-        if self.proc is None and self.closing:
-            raise TunnelUnavailable("minimail is stopping")
-
-    def connect(self, wait, abandoned=lambda: False):
-        """Connect to the tunnel's local end, retrying until it accepts.
-
-        The caller must have acquire()d the tunnel.  Gives up with
-        TunnelUnavailable when a start fails or after `wait` seconds, and with
-        ClientGone as soon as abandoned() says nobody needs the connection.
-        """
-        started = time.monotonic()
-        deadline = started + wait
-        while True:
-            changed = self.changed
-            if self.state in ("starting", "up"):
-                upstream = self._try_connect()
-                if upstream is not None:
-                    self.mark_up()
-                    return upstream
-            self.check()
-            if abandoned():
-                raise ClientGone()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TunnelUnavailable(f"the tunnel was not up within {wait:g} s")
-            pause = POLL_FAST if time.monotonic() - started < POLL_FAST_FOR else POLL_SLOW
-            changed.wait(min(pause, left))
-
-    def _try_connect(self):
-        """One attempt to connect to the tunnel; None while nobody accepts there."""
-        if isinstance(self.endpoint, str):
-            sock, address = gevent.socket.socket(socket.AF_UNIX), self.endpoint
-        else:
-            sock, address = gevent.socket.socket(socket.AF_INET), ("127.0.0.1", self.endpoint)
+    def try_connect(self):
+        """A connection through this child, or None while nothing accepts there."""
+        import gevent.socket
+        try:
+            if self.announces_up:
+                sock, address = gevent.socket.socket(socket.AF_UNIX), self.endpoint
+            else:
+                sock, address = gevent.socket.socket(socket.AF_INET), ("127.0.0.1", self.endpoint)
+        except OSError as exc:
+            if out_of_descriptors(exc):
+                raise OutOfDescriptors() from None
+            raise
         try:
             sock.connect(address)
         except (ConnectionRefusedError, FileNotFoundError):
@@ -521,170 +907,379 @@ class Tunnel:
             return None
         except OSError as exc:
             sock.close()
+            if out_of_descriptors(exc):
+                raise OutOfDescriptors() from None
             raise TunnelUnavailable(f"cannot connect to the tunnel: {exc.strerror}") from None
         if sock.family == socket.AF_INET:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
-    def mark_up(self):
-        """A client got through: the tunnel works."""
-        if self.state == "starting":
-            self.state = "up"
-            self.failures = 0
-            log.info("tunnel up after %.2f s", time.monotonic() - self.started_at)
-            self.on_change()
+    def gone(self):
+        """True once the process has ended (its `died` may not be set yet)."""
+        return self.died.is_set() or self.stop_reason is not None or exited(self.pid)
 
-    # -- the supervisor -----------------------------------------------------
+    def stop(self, reason, gentle=True):
+        """Begin to stop, and return at once.  Gently: close ssh's stdin (which
+        ends the remote `cat` and ssh with it), SIGTERM the group after a grace,
+        SIGKILL it after another.  Otherwise (a stale tunnel, whose ssh would
+        wait for its frozen server forever) SIGTERM at once."""
+        from gevent import spawn_later
+        if self.stop_reason is not None:
+            return
+        self.stop_reason = reason
+        self.forget_endpoint()          # no new client reaches a dying tunnel
+        steps = [lambda: signal_group(self.pid, signal.SIGTERM),
+                 lambda: signal_group(self.pid, signal.SIGKILL)]
+        if gentle and self.session:
+            steps.insert(0, self.proc.stdin.close)
+        steps[0]()
+        self.timers = [spawn_later(self.grace * i, step) for i, step in enumerate(steps[1:], 1)]
+
+    def watch(self):
+        """Read stderr, reap the process, kill what is left of its group, then
+        tell the supervisor."""
+        from gevent import spawn
+        reader = spawn(self.read_stderr)
+        self.returncode = self.proc.wait()
+        signal_group(self.pid, signal.SIGKILL)     # grandchildren die with it
+        for timer in self.timers:
+            timer.kill()
+        reader.join(timeout=self.grace)            # stderr ends when the group is gone
+        reader.kill()
+        self.proc.stdin.close()
+        self.proc.stderr.close()
+        self.forget_endpoint()
+        self.died.set()
+        self.on_exit(self)
+
+    def read_stderr(self):
+        """Log the child's stderr, line by line, in bounded pieces: the first
+        STDERR_LINE_MAX characters of a line are kept (escaped), the rest is
+        read and dropped without ever being held whole."""
+        name = os.path.basename(self.argv[0])
+        stream = self.proc.stderr
+        while True:
+            line = piece = stream.readline(STDERR_PIECE)
+            if not piece:
+                return
+            while not piece.endswith(b"\n"):
+                piece = stream.readline(STDERR_PIECE)
+                if not piece:
+                    break
+            text = printable(line, STDERR_LINE_MAX)
+            if text:
+                self.said.append(text)
+                log.warning("%s[%d]: %s", name, self.pid, text)
+
+    def forget_endpoint(self):
+        """Remove this launch's Unix socket, if it is there."""
+        if self.announces_up and os.path.lexists(self.endpoint):
+            try:
+                os.unlink(self.endpoint)
+            except OSError:
+                pass
+
+
+class Supervisor:
+    """Owns the tunnel: its state and every child.  One greenlet (run) is the
+    only writer; clients and the queue runner post what they know (arrived,
+    left, got through, stale) and wait on `changed`, an Event replaced at each
+    change.  No step blocks: stopping a child is a timed state, like starting."""
+
+    def __init__(self, settings, endpoints, on_change=lambda: None, on_up=lambda: None,
+                 grace=STOP_GRACE, backoff_first=BACKOFF_FIRST, backoff_max=BACKOFF_MAX,
+                 clocks=(time.monotonic, boottime), rng=random):
+        from gevent.event import Event
+        self.settings = settings
+        self.endpoints = endpoints        # launch number -> its endpoint
+        self.on_change = on_change        # e.g. the state file's writer
+        self.on_up = on_up                # e.g. the queue runner
+        self.grace = grace
+        self.backoff_first, self.backoff_max = backoff_first, backoff_max
+        self.clock = clocks[0]
+        self.sleep_watch = SleepWatch(clocks)
+        self.rng = rng
+        self.prctl = libc_function("prctl")
+        self.session = settings.session and not settings.tunnel_command
+        self.shared_endpoint = bool(settings.tunnel_port)   # TCP: one port for all launches
+        self.child = None                 # the current launch, starting or up
+        self.retiring = set()             # children being stopped
+        self.last_child = None            # for `check`: what the last one said
+        self.launches = 0
+        self.ups = 0                      # how often a child came up
+        self.clients = 0
+        self.countdown_ends = None
+        self.failures = 0                 # failed starts in a row
+        self.retry_at = 0.0               # no start before this (backoff)
+        self.error = None                 # why the last start failed
+        self.last_exit = None
+        self.closing = False              # minimail is stopping: no new child
+        self.inbox = collections.deque()
+        self.wake = Event()
+        self.changed = Event()
+        self.all_gone = Event()           # set when closing and no child is left
+
+    # -- what others see and post -------------------------------------------
+
+    @property
+    def phase(self):
+        if self.child is not None:
+            return self.child.phase
+        return Phase.STOPPING if self.retiring else Phase.DOWN
+
+    def post(self, *message):
+        self.inbox.append(message)
+        self.wake.set()
+
+    def arrived(self):
+        """A client needs the tunnel: start it, or cancel the countdown."""
+        self.post("arrived")
+
+    def left(self):
+        """A client is done with the tunnel; the last one starts the countdown."""
+        self.post("left")
+
+    def report_stale(self, child):
+        """A client found this child silent: replace it."""
+        self.post("stale", child)
+
+    def flush(self):
+        """The queue is to be delivered now: end the backoff."""
+        self.post("flush")
+
+    def close(self):
+        """minimail is stopping: start no child, fail clients who wait."""
+        self.post("close")
+
+    def stop_all(self):
+        """Stop every child (after the drain); all_gone is set when they are."""
+        self.post("stop all")
+
+    def connect(self, wait, exclude=None, abandoned=None):
+        """(connection, child) through the tunnel, waiting up to `wait` seconds
+        for it; never through `exclude` (a child found stale).  Raises
+        TunnelUnavailable while the tunnel cannot be had (a failed start,
+        backoff, minimail stopping, not up in time), ClientGone as soon as
+        abandoned() says nobody needs the connection any more."""
+        started = self.clock()
+        deadline, refused = started + wait, False
+        while True:
+            changed, child = self.changed, self.child
+            if child is not None and child is not exclude and (
+                    child.phase is Phase.UP or not child.announces_up):
+                upstream = child.try_connect()
+                if upstream is not None:
+                    if child.phase is not Phase.UP:
+                        self.post("through", child)
+                    return upstream, child
+                refused = True
+            self.raise_if_unavailable(exclude)
+            if abandoned is not None and abandoned():
+                raise ClientGone()
+            left = deadline - self.clock()
+            if left <= 0:
+                raise TunnelUnavailable(f"the tunnel was not up within {wait:g} s")
+            changed.wait(min(self.pause(child, started, refused), left))
+
+    def pause(self, child, started, refused):
+        """How long connect() waits before it looks again (a change wakes it sooner)."""
+        if child is not None and (refused or not child.announces_up):
+            return POLL_FAST if self.clock() - started < POLL_FAST_FOR else POLL_SLOW
+        return CLIENT_LOOK
+
+    def raise_if_unavailable(self, exclude=None):
+        child = self.child if self.child is not exclude else None
+        if self.closing:
+            raise TunnelUnavailable("minimail is stopping")
+        left = self.retry_at - self.clock()
+        if child is None and left > 0:
+            raise TunnelUnavailable(f"{self.error}; next try in {math.ceil(left)} s")
+
+    def describe(self):
+        """The tunnel's state for `minimail status`."""
+        child, now = self.child, self.clock()
+        return {
+            "state": self.phase.value,
+            "pid": child.pid if child else None,
+            "since": wall_clock(child.launched_at, now) if child else None,
+            "stops_at": wall_clock(self.countdown_ends, now),
+            "session": self.session,
+            "failures": self.failures,
+            "retry_at": wall_clock(self.retry_at, now) if self.retry_at > now else None,
+            "last_error": self.error,
+        }
+
+    # -- the supervisor greenlet --------------------------------------------
 
     def run(self):
-        """The supervisor greenlet: keep the child in line with the clients' needs."""
         while True:
-            self._wake.clear()
-            timeout = self._step(time.monotonic())
-            self._wake.wait(timeout)
+            self.wake.clear()
+            now = self.clock()
+            while self.inbox:
+                self.take(self.inbox.popleft(), now)
+            wake_at = self.step(now)
+            self.wake.wait(None if wake_at is None else max(0.0, wake_at - self.clock()))
 
-    def _step(self, now):
-        """Start, reap or stop the child as needed; return seconds to the next timer."""
-        if self.proc is not None and self.proc.poll() is not None:
-            self._reaped(now)
-        if self.state == "starting" and now >= self.started_at + self.settings.wait:
-            self._stop(f"not up within {self.settings.wait:g} s")
-            self._failed(time.monotonic(), f"the tunnel was not up within {self.settings.wait:g} s")
-        timer = self._step_clients(now)
-        if self.state == "starting":
-            timer = earliest(timer, self.started_at + self.settings.wait - now)
-        return timer
-
-    def _step_clients(self, now):
-        """Start the child for waiting clients, or count down when there are none."""
-        if self.active:
-            if self.deadline is not None:
-                log.debug("countdown cancelled: a client arrived")
-                self.deadline = None
-                self.on_change()
-            if self.proc is None and not self.closing:
-                if now < self.retry_at:
-                    return self.retry_at - now
-                self._launch(now)
-        elif self.proc is not None and self.state != "stopping":
-            if self.deadline is None:
-                linger = self.settings.linger + random.uniform(0, self.settings.jitter)
-                self.deadline = now + linger
-                log.debug("countdown: stopping the tunnel in %.1f s", linger)
-                self.on_change()
-            if now < self.deadline:
-                return self.deadline - now
-            self._stop("linger expired")
-        return None
-
-    def _launch(self, now):
-        """Start the tunnel child."""
-        argv = self.settings.tunnel_argv(self.endpoint, self.session)
-        unlink_socket(self.endpoint)     # a stale socket would only refuse
-        try:
-            self.proc = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, start_new_session=True,
-                env=child_environment())
-        except OSError as exc:
-            self._failed(now, f"cannot run {argv[0]}: {exc.strerror}")
+    def take(self, message, now):
+        """Apply one message a client, a child or minimail posted."""
+        kind, *rest = message
+        if kind in ("arrived", "left"):
+            self.clients += 1 if kind == "arrived" else -1
+            self.on_change()                # waiting clients need not wake
             return
-        self.state, self.started_at, self.stop_reason = "starting", now, None
-        self.stderr_tail.clear()
-        self.died = Event()
-        log.info("tunnel starting (pid %d)", self.proc.pid)
+        if kind == "through" and rest[0] is self.child:
+            self.mark_up(rest[0], now)
+        elif kind == "stale" and rest[0] is self.child:
+            log.warning("tunnel (pid %d) is stale: the far side said nothing for %g s; "
+                        "replacing it", rest[0].pid, self.settings.greeting_wait)
+            self.retire(rest[0], "stale: the far side went silent", gentle=False)
+        elif kind == "exited":
+            self.reaped(rest[0], now)
+        elif kind == "flush":
+            self.retry_at = 0.0
+        elif kind == "close":
+            self.closing = True
+        elif kind == "stop all":
+            self.closing = True
+            if self.child is not None:
+                self.retire(self.child, "minimail is stopping")
+        self.notify()
+
+    def step(self, now):
+        """Do what decide() says until it says nothing; the next wake-up."""
+        self.notice_sleep(now)
+        child = self.child
+        if child is not None and child.phase is Phase.STARTING and child.announces_up \
+                and child.listening():
+            self.mark_up(child, now)
+        for _ in range(8):                 # each action changes the facts
+            plan = decide(self.facts(now), self.settings.wait)
+            if plan.action is Action.NOTHING:
+                break
+            self.act(plan.action, now)
+        if self.closing and self.child is None and not self.retiring:
+            self.all_gone.set()
+        return earliest(plan.wake_at, self.polling(now))
+
+    def facts(self, now):
+        child = self.child
+        return Facts(now, self.phase, self.clients, child and child.launched_at,
+                     self.countdown_ends, self.retry_at, self.closing,
+                     self.shared_endpoint and bool(self.retiring))
+
+    def polling(self, now):
+        """While a child runs: look for its socket (starting), and at the clocks."""
+        if self.child is None:
+            return None
+        if self.child.phase is Phase.STARTING and self.child.announces_up:
+            return now + POLL_FAST
+        return now + SLEEP_LOOK_EVERY
+
+    def act(self, action, now):
+        if action is Action.LAUNCH:
+            self.launch(now)
+        elif action is Action.GIVE_UP:
+            wait = self.settings.wait
+            self.retire(self.child, f"not up within {wait:g} s")
+            self.failed(now, f"the tunnel was not up within {wait:g} s")
+        elif action is Action.STOP:
+            self.retire(self.child, "linger expired")
+        elif action is Action.START_COUNTDOWN:
+            linger = self.settings.linger + self.rng.uniform(0, self.settings.jitter)
+            self.countdown_ends = now + linger
+            log.debug("countdown: stopping the tunnel in %.1f s", linger)
+        elif action is Action.CANCEL_COUNTDOWN:
+            self.countdown_ends = None
+            log.debug("countdown cancelled: a client arrived")
+        if action in (Action.START_COUNTDOWN, Action.CANCEL_COUNTDOWN):
+            self.on_change()
+        else:
+            self.notify()
+
+    def launch(self, now):
+        self.launches += 1
+        endpoint = self.endpoints(self.launches)
+        argv = self.settings.tunnel_argv(endpoint, self.session)
+        child = Child(argv, endpoint, self.session, self.grace,
+                      on_exit=lambda c: self.post("exited", c))
+        try:
+            child.launch(now, self.prctl)
+        except OSError as exc:
+            self.failed(now, f"cannot run {argv[0]}: {exc.strerror}")
+            return
+        self.child = self.last_child = child
+        log.info("tunnel starting (pid %d)", child.pid)
         log.debug("tunnel command: %s", shlex.join(argv))
-        gevent.spawn(self._watch, self.proc)
-        self._notify()
 
-    def _watch(self, proc):
-        """Log the child's stderr line by line; wake the supervisor when it exits."""
-        name = os.path.basename(proc.args[0])
-        for raw in proc.stderr:
-            line = raw.decode("utf-8", "replace").strip()
-            if line:
-                self.stderr_tail.append(line)
-                log.warning("%s[%d]: %s", name, proc.pid, line)
-        proc.stderr.close()
-        proc.wait()
-        self._wake.set()
+    def mark_up(self, child, now):
+        child.phase = Phase.UP
+        self.failures = 0
+        self.ups += 1
+        log.info("tunnel up after %.2f s", now - child.launched_at)
+        self.notify()
+        self.on_up()
 
-    def _reaped(self, now):
-        """The child has exited: log why, and decide what the next start needs."""
-        proc, self.proc = self.proc, None
-        proc.stdin.close()
-        self.died.set()
-        if not self.active:
-            empty_pools()           # idle for real: the splice's pipes go back too
-        code, uptime = proc.returncode, now - self.started_at
+    def retire(self, child, reason, gentle=True):
+        """Begin to stop a child; clients that need the tunnel get a new one."""
+        log.info("tunnel stopping (pid %d, %s)", child.pid, reason)
+        child.stop(reason, gentle)
+        self.retiring.add(child)
+        if child is self.child:
+            self.child, self.countdown_ends = None, None
+
+    def reaped(self, child, now):
+        """A child has ended: log why, and decide what the next start needs."""
+        self.retiring.discard(child)
+        was_current = child is self.child
+        if was_current:
+            self.child, self.countdown_ends = None, None
+        code, uptime = child.returncode, now - child.launched_at
         self.last_exit = code
-        was_up, self.state, self.deadline = self.state == "up", "down", None
-        if self.stop_reason:
-            log.info("tunnel stopped (pid %d, %s): %s", proc.pid, self.stop_reason, describe_exit(code))
-        elif self.session and 0 <= code != SSH_ERROR_STATUS:
+        verdict = judge_exit(code, child.stop_reason is not None, child.phase is Phase.UP,
+                             child.session)
+        if verdict is Verdict.STOPPED:
+            log.info("tunnel stopped (pid %d, %s): %s", child.pid, child.stop_reason,
+                     describe_exit(code))
+        elif verdict is Verdict.NO_SESSION:
             self.session = False
             log.warning("the remote command ended by itself (%s after %.1f s): %s allows no "
                         "session; using ssh -N from now on (see --no-session)",
                         describe_exit(code), uptime, self.settings.destination)
-        elif was_up:
-            log.warning("tunnel (pid %d) %s after %.1f s", proc.pid, describe_exit(code), uptime)
-        else:
-            reason = self.stderr_tail[-1] if self.stderr_tail else describe_exit(code)
-            self._failed(now, f"tunnel failed: {reason}")
-        self._notify()
+        elif verdict is Verdict.DIED:
+            log.warning("tunnel (pid %d) %s after %.1f s", child.pid, describe_exit(code), uptime)
+        elif was_current:
+            self.failed(now, f"tunnel failed: {most_telling(list(child.said)) or describe_exit(code)}")
 
-    def _failed(self, now, reason):
-        """A start failed: tell waiting clients and back off before the next one."""
+    def failed(self, now, reason):
+        """A start failed: waiting clients are told, the next start waits."""
         self.failures += 1
         self.error = reason
-        backoff = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.failures - 1))
-        self.retry_at = now + backoff
+        delay = backoff(self.failures, self.backoff_first, self.backoff_max)
+        self.retry_at = now + delay
         log.warning("%s (failure %d in a row; next try in %.0f s at the earliest)",
-                    reason, self.failures, backoff)
-        self._notify()
+                    reason, self.failures, delay)
 
-    def _stop(self, reason):
-        """Stop the child: end its session (closing ssh's stdin ends the remote
-        cat), or SIGTERM; then SIGTERM and SIGKILL, STOP_GRACE apart."""
-        self.state, self.stop_reason = "stopping", reason
-        self._notify()
-        unlink_socket(self.endpoint)     # no new client may reach a dying tunnel
-        proc = self.proc
-        steps = (proc.terminate, proc.kill)
-        if self.session:
-            steps = (proc.stdin.close,) + steps
-        for step in steps:
-            step()
-            try:
-                proc.wait(timeout=STOP_GRACE)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        self._reaped(time.monotonic())
+    def notice_sleep(self, now):
+        asleep = self.sleep_watch.slept()
+        if asleep:
+            log.info("resumed after %.0f s asleep", asleep)
+            if self.child is not None:
+                self.retire(self.child, f"resumed after {asleep:.0f} s asleep", gentle=False)
+            self.retry_at = 0.0
+            self.notify()
+            self.on_up()            # the queue runner looks again too
 
-    def _notify(self):
-        """Wake every handler waiting on the tunnel."""
-        changed, self.changed = self.changed, Event()
+    def notify(self):
+        """Wake everyone waiting on the tunnel."""
+        changed = self.changed
+        self.changed = type(changed)()
         changed.set()
         self.on_change()
 
-    def describe(self):
-        """The tunnel's state for `minimail status`."""
-        return {
-            "state": self.state,
-            "pid": self.proc.pid if self.proc else None,
-            "since": wall_clock(self.started_at) if self.proc else None,
-            "stops_at": wall_clock(self.deadline),
-            "session": self.session,
-            "failures": self.failures,
-            "retry_at": wall_clock(self.retry_at) if self.retry_at > time.monotonic() else None,
-            "last_error": self.error,
-        }
 
-    def close(self):
-        """Stop the child for good (minimail is exiting)."""
-        if self.proc is not None:
-            self._stop("minimail is stopping")
+def wall_clock(moment, now):
+    """A monotonic moment as seconds since the epoch (None stays None)."""
+    return None if moment is None else time.time() - (now - moment)
 
 
 # ---------------------------------------------------------------------------
@@ -692,12 +1287,15 @@ class Tunnel:
 # ---------------------------------------------------------------------------
 
 # Copying: zero-copy through a pipe where there is splice(2) (Linux, Python 3.10+),
-# else through a buffer.  A pipe or buffer is taken from a pool only once data
-# waits, so an idle client holds none, and the pools are emptied when the last
-# client leaves.  This is the hot path: no logging, no allocation per chunk.
+# else through a buffer.  A pipe or buffer is taken from the forwarder's pool
+# only once data waits, so an idle client holds none.  This is the hot path:
+# no logging, no allocation per chunk.
 
-_pipes = []       # idle, empty pipes for os.splice: (read end, write end)
-_buffers = []     # idle buffers for recv_into: anonymous mmaps, whose memory frees for real
+#: What a copy returns when its source ended cleanly; otherwise it returns the
+#: socket error that ended it (a client's reset is an outcome to log, not a crash).
+AT_END = "end of stream"
+#: What move_through returns when nothing waits to be read.
+NOTHING_WAITING = -1
 
 
 def new_pipe():
@@ -714,17 +1312,61 @@ def close_pipe(pipe):
         os.close(fd)
 
 
-def splice_through_pipe(src, dst, flow):
+class PipePool:
+    """Idle, empty pipes for splice(2), owned by the forwarder: a copy takes one
+    while bytes are in flight and gives it back after."""
+
+    def __init__(self):
+        self.idle = []
+
+    def take(self):
+        return self.idle.pop() if self.idle else new_pipe()
+
+    def give(self, pipe):
+        if len(self.idle) < POOL_SIZE:
+            self.idle.append(pipe)
+        else:
+            close_pipe(pipe)
+
+    def empty(self):
+        while self.idle:
+            close_pipe(self.idle.pop())
+
+
+class BufferPool(PipePool):
+    """Idle copy buffers where there is no splice(2): anonymous mmaps, whose
+    memory is given back to the system for real when they are dropped."""
+
+    def take(self):
+        import mmap
+        return self.idle.pop() if self.idle else mmap.mmap(-1, CHUNK_SIZE)
+
+    def give(self, buf):
+        if len(self.idle) < POOL_SIZE:
+            self.idle.append(buf)
+
+    def empty(self):
+        self.idle.clear()
+
+
+class Flow:
+    """Bytes moved one way, counted by the one copy that moves them."""
+    __slots__ = ("count",)
+
+    def __init__(self):
+        self.count = 0
+
+
+def splice_through_pipe(src, dst, flow, pool):
     """Move src to dst until src ends, through a pipe with splice(2): the bytes
-    never enter Python.  flow[0] counts them.  Returns None at the end of src, or
-    the socket error that ended the copy (a client's reset is an outcome to log,
-    not a crash).  The caller passes end-of-stream on (Forwarder.splice_pair).
+    never enter Python.  Returns AT_END, or the socket error that ended the
+    copy.  The caller passes end-of-stream on.
 
     After a chunk that filled the pipe it reads again before it waits, so a bulk
     transfer seldom goes round the event loop (but after YIELD_EVERY chunks in a
-    row it waits all the same, to give other clients their turn).  A pipe is held
-    only while it holds bytes; the two watchers live as long as the copy."""
-    hub = gevent.get_hub()
+    row it waits all the same, to give other clients their turn)."""
+    from gevent import get_hub
+    hub = get_hub()
     readable = hub.loop.io(src.fileno(), READ)
     writable = hub.loop.io(dst.fileno(), WRITE)
     in_a_row = 0
@@ -732,23 +1374,23 @@ def splice_through_pipe(src, dst, flow):
         while True:
             hub.wait(readable)
             while True:
-                pipe = _pipes.pop() if _pipes else new_pipe()
+                try:
+                    pipe = pool.take()
+                except OSError as exc:
+                    return exc               # out of file descriptors
                 try:
                     count = move_through(pipe, readable.fd, writable, hub)
                 except OSError as exc:
-                    close_pipe(pipe)     # it may hold bytes that will never be sent
+                    close_pipe(pipe)         # it may hold bytes that will never be sent
                     return exc
                 except BaseException:
-                    close_pipe(pipe)     # killed mid-chunk (minimail is stopping)
+                    close_pipe(pipe)         # killed mid-chunk (minimail is stopping)
                     raise
-                if len(_pipes) < POOL_SIZE:
-                    _pipes.append(pipe)
-                else:
-                    close_pipe(pipe)
+                pool.give(pipe)
                 if count == 0:
-                    return None
-                if count:
-                    flow[0] += count
+                    return AT_END
+                if count != NOTHING_WAITING:
+                    flow.count += count
                     in_a_row += 1
                 if count != CHUNK_SIZE or in_a_row >= YIELD_EVERY:
                     in_a_row = 0
@@ -760,11 +1402,11 @@ def splice_through_pipe(src, dst, flow):
 
 def move_through(pipe, src_fd, writable, hub):
     """Move what waits on src_fd through an empty pipe to the writable watcher's
-    fd: the byte count, 0 at the end of src, or None if nothing waits."""
+    fd: the byte count, 0 at the end of src, or NOTHING_WAITING."""
     try:
         count = os.splice(src_fd, pipe[1], CHUNK_SIZE, flags=SPLICE_FLAGS)
     except BlockingIOError:
-        return None
+        return NOTHING_WAITING
     left = count
     while left:
         try:
@@ -774,25 +1416,25 @@ def move_through(pipe, src_fd, writable, hub):
     return count
 
 
-def splice_through_buffer(src, dst, flow):
+def splice_through_buffer(src, dst, flow, pool):
     """splice_through_pipe's twin for systems without splice(2): recv_into a
     pooled buffer, then sendall."""
-    hub = gevent.get_hub()
+    from gevent import get_hub
+    hub = get_hub()
     readable = hub.loop.io(src.fileno(), READ)
     try:
         while True:
             hub.wait(readable)
-            buf = _buffers.pop() if _buffers else mmap.mmap(-1, CHUNK_SIZE)
+            buf = pool.take()
             try:
                 count = src.recv_into(buf)
                 if count:
                     dst.sendall(memoryview(buf)[:count])
             finally:
-                if len(_buffers) < POOL_SIZE:
-                    _buffers.append(buf)
+                pool.give(buf)
             if not count:
-                return None
-            flow[0] += count
+                return AT_END
+            flow.count += count
     except OSError as exc:
         return exc
     finally:
@@ -800,13 +1442,6 @@ def splice_through_buffer(src, dst, flow):
 
 
 splice = splice_through_pipe if hasattr(os, "splice") else splice_through_buffer
-
-
-def empty_pools():
-    """Hand the idle pipes and buffers back to the system (the tunnel has stopped)."""
-    while _pipes:
-        close_pipe(_pipes.pop())
-    _buffers.clear()
 
 
 def shutdown_write(sock):
@@ -825,175 +1460,25 @@ def hung_up(sock):
     return any(event & select.POLLHUP for _, event in poller.poll(0))
 
 
-def client_gone(sock):
-    """True if the client closed its end without sending anything (peek, no read)."""
+def peek(sock):
+    """The first byte waiting on sock without taking it; b"" at its end (or
+    after a reset); None while nothing waits."""
+    timeout = sock.gettimeout()
     sock.settimeout(0)
     try:
-        return sock.recv(1, socket.MSG_PEEK) == b""
+        return sock.recv(1, socket.MSG_PEEK)
     except BlockingIOError:
-        return False
+        return None
     except OSError:
-        return True
+        return b""
     finally:
-        sock.settimeout(None)
+        sock.settimeout(timeout)
 
 
 def format_peer(address):
     """'127.0.0.1:40404' or '[::1]:40404'."""
     host, port = address[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class Session:
-    """One client's connection: its sockets, and what the log line at its end reports."""
-
-    def __init__(self, client, peer):
-        self.client = client
-        self.upstream = None     # the connection through the tunnel, once there is one
-        self.peer = peer
-        self.started = time.monotonic()
-        self.sent = [0]          # bytes from the client into the tunnel
-        self.received = [0]      # bytes from the tunnel to the client
-        self.outcome = None      # why it ended, if not simply at the end of both streams
-
-    def end(self, outcome):
-        """End the session from outside its copies: shutting both sockets down
-        wakes them wherever they wait, and they end as at end-of-stream."""
-        if self.outcome is None:
-            self.outcome = outcome
-        for sock in (self.client, self.upstream):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def end_with_tunnel(self, _event):
-        self.end("closed: the tunnel ended under the session")
-
-    def log(self):
-        log.info("client %s: %s; %d bytes from client, %d to client, %.2f s",
-                 self.peer, self.outcome or "ok", self.sent[0], self.received[0],
-                 time.monotonic() - self.started)
-
-
-class Forwarder(StreamServer):
-    """Accepts mail clients and splices each through the tunnel."""
-
-    def __init__(self, listener, tunnel, settings):
-        super().__init__(listener, spawn=Pool())     # the pool lets stop() drain
-        self.tunnel = tunnel
-        self.settings = settings
-        self.sessions = 0            # clients served since the start
-        self.bytes_from_clients = 0  # of sessions that have ended
-        self.bytes_to_clients = 0
-        self.started_at = time.time()   # wall clock, for status
-        self.on_change = lambda: None
-
-    def handle(self, client, address):
-        session = Session(client, format_peer(address))
-        try:
-            if self.tunnel.active >= self.settings.max_clients:
-                session.outcome = "refused: too many clients"
-                reply(client, "421 4.3.2 minimail: too many clients, try again later")
-                return
-            self.sessions += 1
-            self.on_change()
-            self.forward(client, session)
-        finally:
-            client.close()
-            session.log()
-            self.bytes_from_clients += session.sent[0]
-            self.bytes_to_clients += session.received[0]
-            self.on_change()
-
-    def forward(self, client, session):
-        """Bring the tunnel up for this client, then splice the two together."""
-        if client.family != socket.AF_UNIX:
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.tunnel.acquire()
-        try:
-            session.upstream = self.tunnel.connect(self.settings.wait, lambda: client_gone(client))
-            try:
-                self.splice_pair(session)
-            finally:
-                session.upstream.close()
-        except TunnelUnavailable as exc:
-            session.outcome = f"421: {exc}"
-            reply(client, f"421 4.4.0 minimail: {exc}")
-        except ClientGone:
-            session.outcome = "client left before the tunnel was up"
-        finally:
-            self.tunnel.release()
-
-    def splice_pair(self, session):
-        """Copy both ways until both directions end, one fails, the tunnel dies
-        under them, or the session idles too long.  The caller closes the sockets.
-
-        This greenlet copies from the tunnel to the client, one more the other
-        way: a held client costs two parked greenlets.  The idle timer and the
-        tunnel's death are callbacks, which end the session (Session.end)."""
-        client, upstream = session.client, session.upstream
-        tunnel_died = self.tunnel.died        # of the child this session went through
-        up = gevent.spawn(copy_up, session)
-        idle = IdleTimer(session, self.settings.idle_timeout)
-        tunnel_ended = session.end_with_tunnel
-        tunnel_died.rawlink(tunnel_ended)
-        try:
-            failure = splice(upstream, client, session.received)
-            if failure is not None:
-                session.end(f"closed: {describe_error(failure)}")
-            elif session.outcome is None and not session.received[0] and not up.dead \
-                    and hung_up(upstream):
-                up.kill()
-                session.outcome = "421: the tunnel closed before the far side spoke"
-                reply(client, "421 4.4.0 minimail: the far side closed the "
-                              "connection without a word (is --remote right?)")
-                return
-            else:
-                shutdown_write(client)
-            up.join()
-        finally:
-            tunnel_died.unlink(tunnel_ended)
-            idle.stop()
-            up.kill()
-
-
-def copy_up(session):
-    """The client-to-tunnel half of a session, in a greenlet of its own."""
-    failure = splice(session.client, session.upstream, session.sent)
-    if failure is not None:
-        session.end(f"closed: {describe_error(failure)}")
-    else:
-        shutdown_write(session.upstream)
-
-
-class IdleTimer:
-    """Ends a session that has moved no byte for idle_timeout seconds (0: never).
-    A timer that checks the byte counts now and then: no greenlet, no work per chunk."""
-
-    def __init__(self, session, idle_timeout):
-        self.session = session
-        self.idle_timeout = idle_timeout
-        self.last_total = 0
-        self.last_change = time.monotonic()
-        self.timer = None
-        if idle_timeout:
-            self.timer = gevent.get_hub().loop.timer(idle_timeout / 4, idle_timeout / 4)
-            self.timer.start(self.check)
-
-    def check(self):
-        total = self.session.sent[0] + self.session.received[0]
-        now = time.monotonic()
-        if total != self.last_total:
-            self.last_total, self.last_change = total, now
-        elif now - self.last_change >= self.idle_timeout:
-            self.stop()
-            self.session.end(f"closed: idle for {self.idle_timeout:g} s")
-
-    def stop(self):
-        if self.timer is not None:
-            self.timer.close()
-            self.timer = None
 
 
 def describe_error(exc):
@@ -1009,18 +1494,1834 @@ def reply(client, line):
     What the client still sends is read and dropped for a moment, so that
     closing with unread data does not turn into a reset that eats the reply.
     """
+    from gevent import Timeout
     try:
-        client.sendall(line.encode("ascii", "replace") + b"\r\n")
+        client.sendall(smtp_reply_line(line))
         client.shutdown(socket.SHUT_WR)
-        with gevent.Timeout(REPLY_LINGER, False):
+        with Timeout(REPLY_LINGER, False):
             while client.recv(4096):
                 pass
     except OSError:
         pass
 
 
+class Greeting(enum.Enum):
+    """How the wait for the far side's first word ended."""
+    HEARD = "heard"              # bytes (or a half-close) came from the far side
+    STALE = "stale"              # a warm tunnel stayed silent: replace it
+    GONE = "gone"                # the tunnel ended before the far side spoke
+    TOO_MUCH = "too much"        # the client sent more than can be replayed
+    IDLE = "idle"                # nothing moved for --idle-timeout
+    CLIENT_GONE = "client gone"  # the client reset the connection
+
+
+#: How often one client is moved to a fresh tunnel before it is given up.
+MOVES_MAX = 2
+#: Running out of file descriptors is logged at most this often (seconds).
+FD_WARN_EVERY = 10.0
+
+
+class Session:
+    """One client's connection: its sockets, the child it goes through, the
+    bytes it sent before the far side spoke (for a replay), and its outcome."""
+
+    def __init__(self, client, peer):
+        self.client = client
+        self.peer = peer
+        self.upstream = None     # the connection through the tunnel
+        self.child = None        # the launch it goes through
+        self.started = time.monotonic()
+        self.sent = Flow()       # bytes from the client
+        self.received = Flow()   # bytes to the client
+        self.kept = bytearray()  # what the client sent before the far side's first byte
+        self.movable = True      # kept holds all of it (at most REPLAY_LIMIT)
+        self.client_ended = False  # the client half-closed before the far side spoke
+        self.outcome = None      # why it ended, if not simply at the end of both streams
+
+    def end(self, outcome):
+        """Record why the session ended; the first reason stays."""
+        if self.outcome is None:
+            self.outcome = outcome
+
+    def cut(self, outcome):
+        """End the session from outside its copies (idle, the tunnel died, the
+        drain ran out): shutting both sockets down wakes the copies wherever
+        they wait, and they end as at end-of-stream."""
+        self.end(outcome)
+        for sock in (self.client, self.upstream):
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def attach(self, upstream, child):
+        """Go through this connection: close the one before, replay what the
+        client sent so far, and pass its half-close on."""
+        self.close_upstream()
+        self.upstream, self.child = upstream, child
+        try:
+            if self.kept:
+                upstream.sendall(self.kept)
+            if self.client_ended:
+                upstream.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass                 # the next wait for the far side tells
+
+    def keep(self, data):
+        """Keep what the client sent until the far side speaks, within REPLAY_LIMIT."""
+        if self.movable and len(self.kept) + len(data) <= REPLAY_LIMIT:
+            self.kept += data
+        else:
+            self.movable, self.kept = False, bytearray()
+
+    def close_upstream(self):
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
+
+    def log(self):
+        log.info("client %s: %s; %d bytes from client, %d to client, %.2f s",
+                 self.peer, self.outcome or "ok", self.sent.count, self.received.count,
+                 time.monotonic() - self.started)
+
+
+class Forwarder:
+    """The listening side: accepts mail clients and puts each through the
+    tunnel; a client the tunnel cannot carry is served by the queue's
+    receiver, or gets 421.  Owns the sessions and the splice pool."""
+
+    def __init__(self, listener, supervisor, settings, receiver=None, on_change=lambda: None):
+        from gevent.pool import Pool
+        from gevent.server import StreamServer
+        self.supervisor = supervisor
+        self.settings = settings
+        self.receiver = receiver
+        self.on_change = on_change
+        self.handlers = Pool()              # lets drain() wait for them
+        self.server = StreamServer(listener, self.handle, spawn=self.handlers)
+        self.server.do_read = self.accept
+        self.sessions = set()
+        self.served = 0                     # clients served since the start
+        self.bytes_from_clients = 0         # of sessions that have ended
+        self.bytes_to_clients = 0
+        self.heard = collections.Counter()  # far-side bytes of ended sessions, per child
+        self.pool = PipePool() if splice is splice_through_pipe else BufferPool()
+        self.buffers = BufferPool()         # when no descriptor is left for a pipe
+        self.started_at = time.time()       # wall clock, for status
+        self.closing = False
+        self.fd_warned_at = -FD_WARN_EVERY
+        self.keeper = None
+
+    def start(self):
+        from gevent import spawn
+        self.server.start()
+        self.keeper = spawn(self.keep_pools)
+
+    # -- accepting ----------------------------------------------------------
+
+    def accept(self):
+        """The server's accept: out of file descriptors, it pauses for a moment
+        (the client waits in the backlog) instead of printing tracebacks."""
+        from gevent.server import StreamServer
+        try:
+            return StreamServer.do_read(self.server)
+        except OSError as exc:
+            if not out_of_descriptors(exc):
+                raise
+        from gevent import spawn_later
+        if time.monotonic() - self.fd_warned_at > FD_WARN_EVERY:
+            self.fd_warned_at = time.monotonic()
+            log.warning("out of file descriptors with %d clients: new clients wait "
+                        "(see the open files limit at the start of the log)", len(self.sessions))
+        self.server.stop_accepting()
+        spawn_later(ACCEPT_PAUSE, self.resume_accepting)
+        return None
+
+    def resume_accepting(self):
+        if not self.closing and not self.server.closed:
+            self.server.start_accepting()
+
+    # -- one client ---------------------------------------------------------
+
+    def handle(self, client, address):
+        session = Session(client, format_peer(address))
+        self.sessions.add(session)
+        try:
+            if len(self.sessions) > self.settings.max_clients:
+                session.end("refused: too many clients")
+                reply(client, "421 4.3.2 minimail: too many clients, try again later")
+                return
+            self.served += 1
+            self.on_change()
+            self.forward(session)
+        finally:
+            self.sessions.discard(session)
+            client.close()
+            session.log()
+            self.bytes_from_clients += session.sent.count
+            self.bytes_to_clients += session.received.count
+            if session.child is not None:
+                self.heard[session.child] += session.received.count
+            self.on_change()
+
+    def forward(self, session):
+        """Put the client through the tunnel; when the tunnel cannot be had,
+        the queue takes its mail, or it gets 421.  Every 421 is written here."""
+        if session.client.family != socket.AF_UNIX:
+            session.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        warm = self.supervisor.phase is Phase.UP        # as the client found it
+        self.supervisor.arrived()
+        try:
+            self.pass_through(session, warm)
+            return
+        except TunnelUnavailable as exc:
+            why = str(exc)
+        except OutOfDescriptors:
+            session.end("421: out of file descriptors")
+            reply(session.client, "421 4.3.2 minimail: too busy (out of file descriptors), "
+                                  "try again later")
+            return
+        except ClientGone:
+            session.end("client left before the tunnel was up")
+            return
+        finally:
+            session.close_upstream()
+            self.supervisor.left()          # a queue session is no tunnel client
+        if self.receiver is not None and session.movable and not self.closing:
+            self.receiver.serve(session, why)
+        else:
+            session.end(f"421: {why}")
+            reply(session.client, f"421 4.4.0 minimail: {why}")
+
+    def connect(self, session, exclude=None):
+        return self.supervisor.connect(self.settings.wait, exclude,
+                                       abandoned=lambda: peek(session.client) == b"")
+
+    def pass_through(self, session, warm):
+        """Connect through the tunnel, wait for the far side's first word (moving
+        the client to a fresh tunnel if the first one is stale or ends before
+        that), then splice the two together."""
+        session.attach(*self.connect(session))
+        for moves in range(MOVES_MAX + 1):
+            result = self.await_greeting(session, warm and moves == 0)
+            if result in (Greeting.HEARD, Greeting.TOO_MUCH):
+                break
+            if result is Greeting.IDLE:
+                return session.end(f"closed: idle for {self.settings.idle_timeout:g} s")
+            if result is Greeting.CLIENT_GONE:
+                return
+            if moves == MOVES_MAX:
+                raise TunnelUnavailable("the tunnel ended before the far side spoke")
+            stale = session.child
+            if result is Greeting.STALE:
+                self.supervisor.report_stale(stale)
+            session.attach(*self.connect(session, exclude=stale))
+            log.info("client %s: moved from tunnel %d (%s) to %d, %d bytes replayed",
+                     session.peer, stale.pid, result.value, session.child.pid, len(session.kept))
+        self.splice_pair(session)
+
+    def await_greeting(self, session, warm):
+        """Wait for the far side's first byte, passing on (and keeping a copy of)
+        what the client sends meanwhile.  Through a warm tunnel the far side
+        must speak within --greeting-wait, unless the tunnel carried bytes for
+        someone else meanwhile (a slow server is not a dead tunnel)."""
+        from gevent.select import select
+        client, upstream, child = session.client, session.upstream, session.child
+        settings, now = self.settings, time.monotonic()
+        stale_at = now + settings.greeting_wait if warm and settings.greeting_wait else None
+        idle_at = now + settings.idle_timeout if settings.idle_timeout else None
+        heard = self.far_bytes(child) if stale_at else 0
+        watched = [upstream] if session.client_ended else [upstream, client]
+        while True:
+            wake_at = earliest(stale_at, idle_at)
+            timeout = None if wake_at is None else max(0.0, wake_at - time.monotonic())
+            readable = select(watched, [], [], timeout)[0]
+            if upstream in readable:
+                result = self.first_word(session)
+                if result is not None:
+                    return result
+            if client in readable:
+                result = self.take_early_bytes(session)
+                if result is not None:
+                    return result
+                idle_at = idle_at and time.monotonic() + settings.idle_timeout
+                if session.client_ended:
+                    watched = [upstream]
+                continue
+            now = time.monotonic()
+            if stale_at is not None and now >= stale_at:
+                if self.far_bytes(child) == heard:
+                    return Greeting.STALE
+                stale_at = None                     # slow, but alive: wait on
+            if idle_at is not None and now >= idle_at:
+                return Greeting.IDLE
+
+    def first_word(self, session):
+        """The far side's end is readable: bytes, a half-close, or a tunnel gone
+        (None if nothing waits after all)."""
+        first = peek(session.upstream)
+        if first is None:
+            return None
+        if first:
+            return Greeting.HEARD
+        if session.child.gone():
+            return Greeting.GONE
+        if hung_up(session.upstream) and not session.client_ended:
+            raise TunnelUnavailable("the far side closed the connection without a word "
+                                    "(is --remote right?)")
+        return Greeting.HEARD                       # a half-close: pass it on
+
+    def take_early_bytes(self, session):
+        """Pass on what the client sent before the far side spoke, keeping a copy."""
+        try:
+            data = session.client.recv(65536)
+        except OSError as exc:
+            session.end(f"closed: {describe_error(exc)}")
+            return Greeting.CLIENT_GONE
+        if not data:
+            session.client_ended = True
+            shutdown_write(session.upstream)
+            return None
+        session.sent.count += len(data)
+        session.keep(data)
+        try:
+            session.upstream.sendall(data)
+        except OSError:
+            pass                  # the tunnel is going: the wait for the far side tells
+        return None if session.movable else Greeting.TOO_MUCH
+
+    def far_bytes(self, child):
+        """Bytes the far side has sent through this child, for everyone."""
+        return self.heard[child] + sum(s.received.count for s in self.sessions if s.child is child)
+
+    def splice_pair(self, session):
+        """Copy both ways until both directions end, one fails, the tunnel dies
+        under them, or the session idles too long.  This greenlet copies from the
+        tunnel to the client, one more the other way: a held client costs two
+        parked greenlets.  The idle timer and the tunnel's death are callbacks."""
+        from gevent import spawn
+        up = None if session.client_ended else spawn(self.copy_up, session)
+        idle = IdleTimer(session, self.settings.idle_timeout)
+        died, ended = session.child.died, self.tunnel_ended(session)
+        died.rawlink(ended)
+        try:
+            result = self.copy(session.upstream, session.client, session.received)
+            if result is AT_END:
+                shutdown_write(session.client)
+            else:
+                session.cut(f"closed: {describe_error(result)}")
+            if up is not None:
+                up.join()
+        finally:
+            died.unlink(ended)
+            idle.stop()
+            if up is not None:
+                up.kill()
+
+    def copy(self, src, dst, flow):
+        """splice(2) through a pooled pipe; through a buffer once no descriptor
+        is left for a pipe (nothing has been read then: the copy goes on)."""
+        result = splice(src, dst, flow, self.pool)
+        if out_of_descriptors(result):
+            result = splice_through_buffer(src, dst, flow, self.buffers)
+        return result
+
+    def copy_up(self, session):
+        """The client-to-tunnel half of a session, in a greenlet of its own."""
+        result = self.copy(session.client, session.upstream, session.sent)
+        if result is AT_END:
+            shutdown_write(session.upstream)
+        else:
+            session.cut(f"closed: {describe_error(result)}")
+
+    @staticmethod
+    def tunnel_ended(session):
+        def cut(_event):
+            reason = session.child.stop_reason
+            session.cut("closed: the tunnel ended under the session" +
+                        (f" ({reason})" if reason else ""))
+        return cut
+
+    # -- the pool, and stopping ----------------------------------------------
+
+    def keep_pools(self):
+        """Give the splice pipes back to the system whenever the tunnel is down
+        and no client is here (sessions in a row reuse them meanwhile)."""
+        while True:
+            changed = self.supervisor.changed
+            if self.supervisor.phase is Phase.DOWN and not self.sessions:
+                self.pool.empty()
+                self.buffers.empty()
+                self.heard.clear()
+            changed.wait()
+
+    def close(self):
+        """Stop accepting clients (minimail is stopping)."""
+        self.closing = True
+        self.server.close()
+
+    def drain(self, seconds):
+        """Give active sessions up to `seconds` to end, then cut the rest."""
+        if self.handlers:
+            log.info("waiting up to %g s for %d active session(s)", seconds, len(self.handlers))
+        self.handlers.join(timeout=seconds)
+        self.cut_all(f"cut: the drain of {seconds:g} s ran out")
+
+    def cut_all(self, outcome):
+        for session in list(self.sessions):
+            session.cut(outcome)
+        self.handlers.join(timeout=1)
+        self.handlers.kill(block=True, timeout=1)
+        if self.keeper is not None:
+            self.keeper.kill()
+
+    def describe(self):
+        return {
+            "clients_active": len(self.sessions),
+            "sessions": self.served,
+            "bytes_from_clients": self.bytes_from_clients,
+            "bytes_to_clients": self.bytes_to_clients,
+        }
+
+
+class IdleTimer:
+    """Ends a session that has moved no byte for idle_timeout seconds (0: never).
+    A timer that looks at the byte counts now and then: no greenlet, no work per chunk."""
+
+    def __init__(self, session, idle_timeout):
+        self.session = session
+        self.idle_timeout = idle_timeout
+        self.last_total = 0
+        self.last_change = time.monotonic()
+        self.timer = None
+        if idle_timeout:
+            from gevent import get_hub
+            self.timer = get_hub().loop.timer(idle_timeout / 4, idle_timeout / 4)
+            self.timer.start(self.look)
+
+    def look(self):
+        total = self.session.sent.count + self.session.received.count
+        now = time.monotonic()
+        if total != self.last_total:
+            self.last_total, self.last_change = total, now
+        elif now - self.last_change >= self.idle_timeout:
+            self.stop()
+            self.session.cut(f"closed: idle for {self.idle_timeout:g} s")
+
+    def stop(self):
+        if self.timer is not None:
+            self.timer.close()
+            self.timer = None
+
+
 # ---------------------------------------------------------------------------
-# Listening, files and privileges
+# The queue: the spool, the receiver, the runner
+# ---------------------------------------------------------------------------
+
+#: A queue ID: the arrival second and 16 random bits, in upper-case hex.
+QUEUE_ID = re.compile(r"[0-9A-F]{12}")
+#: The most recipients one message may have (RFC 5321 asks servers for 100).
+MAX_RECIPIENTS = 100
+#: The longest command line the receiver takes, CRLF included (RFC 5321: 512).
+COMMAND_LINE_MAX = 512
+#: The longest address the receiver takes (RFC 5321's path: 256 octets).
+ADDRESS_MAX = 256
+#: Failed messages are kept this long, for `minimail queue` to show.
+FAILED_KEPT = 30 * 86400.0
+#: Queued mail is tried again at most this far apart.
+RETRY_MAX = 3600.0
+#: How long the runner waits for each of the hoster's answers.
+SMTP_TIMEOUT = 60.0
+#: A draft is written out in pieces of about this many bytes.
+WRITE_BATCH = 256 * 1024
+#: A line of DATA without CRLF is passed on in pieces once it is this long.
+DATA_LINE_PIECE = 64 * 1024
+#: How much of a message's header the bounce quotes.
+HEADER_QUOTE_MAX = 64 * 1024
+#: Where the spool keeps what (subdirectories of --queue).
+SPOOL_DIRS = ("tmp", "queued", "failed")
+
+
+def new_queue_id():
+    return f"{int(time.time()) & 0xFFFFFFFF:08X}{random.getrandbits(16):04X}"
+
+
+def fsync_directory(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path, data):
+    """Write a new file (0600), fsync it; the caller renames it into place."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def in_thread(function, *args):
+    """Run a blocking file operation (fsync) in the hub's thread pool."""
+    from gevent import get_hub
+    return get_hub().threadpool.apply(function, args)
+
+
+class Envelope:
+    """What the queue keeps of a message besides its text: the sender, the
+    recipients still to deliver, the attempts, and what the hoster said."""
+
+    FIELDS = {"id": str, "sender": str, "recipients": list, "arrived": float, "size": int,
+              "body": (str, type(None)), "smtputf8": bool, "bounce": bool, "attempts": int,
+              "next_try": float, "last_reply": (str, type(None)), "failures": list,
+              "failed_at": (float, type(None))}
+
+    def __init__(self, id, sender, recipients, arrived, size, body=None, smtputf8=False,
+                 bounce=False, attempts=0, next_try=0.0, last_reply=None, failures=(),
+                 failed_at=None):
+        self.id, self.sender, self.recipients = id, sender, list(recipients)
+        self.arrived, self.size, self.body, self.smtputf8 = arrived, size, body, smtputf8
+        self.bounce, self.attempts, self.next_try = bounce, attempts, next_try
+        self.last_reply, self.failures, self.failed_at = last_reply, list(failures), failed_at
+
+    def to_json(self):
+        return json.dumps({name: getattr(self, name) for name in self.FIELDS}).encode()
+
+    @classmethod
+    def from_json(cls, raw, expected_id):
+        """An envelope read from disk, checked field by field (ValueError if not)."""
+        data = json.loads(raw)
+        if not isinstance(data, dict) or set(data) != set(cls.FIELDS):
+            raise ValueError("not an envelope")
+        for name, kind in cls.FIELDS.items():
+            value = data[name]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = data[name] = float(value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ValueError(f"{name} is not {kind}")
+        if data["id"] != expected_id or not QUEUE_ID.fullmatch(expected_id):
+            raise ValueError("the id does not match the file name")
+        addresses = [data["sender"], *data["recipients"], *(f[0] for f in data["failures"]
+                                                           if isinstance(f, list) and f)]
+        if len(data["recipients"]) > MAX_RECIPIENTS or len(data["failures"]) > MAX_RECIPIENTS \
+                or not all(valid_address(a) for a in addresses) \
+                or not all(isinstance(f, list) and len(f) == 2 and isinstance(f[1], str)
+                           for f in data["failures"]):
+            raise ValueError("bad addresses")
+        return cls(**data)
+
+
+def valid_address(address):
+    return isinstance(address, str) and len(address) <= ADDRESS_MAX and address.isprintable() \
+        and "<" not in address and ">" not in address
+
+
+class Draft:
+    """A message being written into the spool's tmp/, as it arrives."""
+
+    def __init__(self, directory):
+        while True:
+            self.id = new_queue_id()
+            self.path = os.path.join(directory, f"{self.id}.msg")
+            try:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                  | os.O_CLOEXEC, 0o600)
+                break
+            except FileExistsError:
+                continue
+        self.size = 0
+        self.eight_bit = False
+        self.error = None             # the first write error (a full disk)
+        self.pending, self.pending_size = [], 0
+
+    def write(self, data):
+        self.size += len(data)
+        if self.error is not None:
+            return
+        self.eight_bit = self.eight_bit or not data.isascii()
+        self.pending.append(data)
+        self.pending_size += len(data)
+        if self.pending_size >= WRITE_BATCH:
+            self.flush()
+
+    def flush(self):
+        data, self.pending, self.pending_size = b"".join(self.pending), [], 0
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as exc:
+            self.error = exc
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def discard(self):
+        self.close()
+        remove_quietly(self.path)
+
+
+def remove_quietly(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class Spool:
+    """The queue directory, owned by the daemon's user (0700): tmp/ holds drafts,
+    queued/ holds ID.msg and ID.env, failed/ what bounced.  A message is queued
+    once its ID.env is: written after ID.msg, both fsync'ed and renamed into
+    queued/, the directory fsync'ed.  Blocking calls run in the thread pool."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def path(self, where, name=""):
+        return os.path.join(self.root, where, name)
+
+    def prepare(self):
+        """Make the subdirectories; remove what an interrupted write left."""
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        for where in SPOOL_DIRS:
+            os.makedirs(self.path(where), mode=0o700, exist_ok=True)
+        for name in os.listdir(self.path("tmp")):
+            remove_quietly(self.path("tmp", name))
+        names = set(os.listdir(self.path("queued")))
+        for name in names:
+            stem, dot, kind = name.partition(".")
+            twin = f"{stem}.{'env' if kind == 'msg' else 'msg'}"
+            if kind in ("msg", "env") and twin not in names:
+                log.warning("queue: removing %s, left without its %s by an interrupted write",
+                            printable(name, 40), twin.partition(".")[2])
+                remove_quietly(self.path("queued", name))
+
+    def draft(self):
+        return Draft(self.path("tmp"))
+
+    def commit(self, draft, envelope):
+        """Make a draft a queued message, durably (blocking: run in_thread)."""
+        env_tmp = self.path("tmp", f"{draft.id}.env")
+        try:
+            draft.flush()
+            if draft.error is not None:
+                raise draft.error
+            os.fsync(draft.fd)
+            draft.close()
+            write_durably(env_tmp, envelope.to_json())
+            os.rename(draft.path, self.path("queued", f"{draft.id}.msg"))
+            os.rename(env_tmp, self.path("queued", f"{draft.id}.env"))
+            fsync_directory(self.path("queued"))
+        except OSError:
+            draft.discard()
+            remove_quietly(env_tmp)
+            remove_quietly(self.path("queued", f"{draft.id}.msg"))
+            raise
+
+    def save(self, envelope, where="queued"):
+        """Replace a message's envelope durably (blocking: run in_thread)."""
+        temporary = self.path("tmp", f"{envelope.id}.env")
+        remove_quietly(temporary)
+        write_durably(temporary, envelope.to_json())
+        os.rename(temporary, self.path(where, f"{envelope.id}.env"))
+        fsync_directory(self.path(where))
+
+    def remove(self, envelope):
+        """A delivered message leaves the queue: its envelope first."""
+        remove_quietly(self.path("queued", f"{envelope.id}.env"))
+        remove_quietly(self.path("queued", f"{envelope.id}.msg"))
+
+    def fail(self, envelope):
+        """Move a message that bounced to failed/ (blocking: run in_thread)."""
+        envelope.failed_at = time.time()
+        os.rename(self.path("queued", f"{envelope.id}.msg"), self.path("failed", f"{envelope.id}.msg"))
+        self.save(envelope, "failed")
+        remove_quietly(self.path("queued", f"{envelope.id}.env"))
+
+    def load(self, where="queued"):
+        """The envelopes in queued/ or failed/, oldest first; corrupt ones are
+        logged and left alone (everything on disk is checked, never trusted)."""
+        envelopes = []
+        for name in sorted(os.listdir(self.path(where))):
+            stem, _, kind = name.partition(".")
+            if kind != "env":
+                continue
+            try:
+                with open(self.path(where, name), "rb") as f:
+                    raw = f.read(SMALL_FILE_MAX + 1)
+                if len(raw) > SMALL_FILE_MAX:
+                    raise ValueError("too large")
+                envelopes.append(Envelope.from_json(raw, stem))
+            except (OSError, ValueError) as exc:
+                log.warning("queue: %s/%s is not a valid envelope (%s): left alone",
+                            where, printable(name, 40), printable(str(exc), 80))
+        return sorted(envelopes, key=lambda e: e.arrived)
+
+    def forget_old_failures(self, now):
+        for envelope in self.load("failed"):
+            if now - (envelope.failed_at or envelope.arrived) > FAILED_KEPT:
+                remove_quietly(self.path("failed", f"{envelope.id}.env"))
+                remove_quietly(self.path("failed", f"{envelope.id}.msg"))
+
+    def message(self, envelope):
+        return self.path("queued", f"{envelope.id}.msg")
+
+
+class DataReader:
+    """Turns what follows DATA into the message's text.  The message ends only
+    at CRLF.CRLF; dot-stuffing is undone; every bare CR or LF becomes CRLF, so a
+    stored message has CRLF line ends only and nothing in it can end a message
+    early at the hoster (no SMTP smuggling)."""
+
+    BARE_NEWLINE = re.compile(rb"[\r\n]")
+
+    def __init__(self):
+        self.partial = b""        # the unfinished last line
+        self.midline = False      # partial does not begin a line (a long one was passed on)
+        self.done = False
+        self.leftover = b""       # what came after the final dot: the next commands
+
+    def feed(self, chunk):
+        """The message text in this chunk (a list of pieces)."""
+        lines = (self.partial + chunk).split(b"\r\n")
+        self.partial = lines.pop()
+        text = []
+        for i, line in enumerate(lines):
+            if not self.midline:
+                if line == b".":
+                    self.done = True
+                    self.leftover = b"\r\n".join(lines[i + 1:] + [self.partial])
+                    return text
+                if line.startswith(b"."):
+                    line = line[1:]
+            self.midline = False
+            text.append(self.normalize(line) + b"\r\n")
+        if len(self.partial) > DATA_LINE_PIECE:
+            keep = 1 if self.partial.endswith(b"\r") else 0    # maybe half a CRLF
+            piece, self.partial = self.partial[:len(self.partial) - keep], self.partial[-keep:] if keep else b""
+            if not self.midline and piece.startswith(b"."):
+                piece = piece[1:]
+            text.append(self.normalize(piece))
+            self.midline = True
+        return text
+
+    def normalize(self, line):
+        if b"\r" in line or b"\n" in line:
+            return self.BARE_NEWLINE.sub(b"\r\n", line)
+        return line
+
+
+#: LineReader.readline's answer for a line longer than allowed.
+LINE_TOO_LONG = "line too long"
+
+
+class LineReader:
+    """Reads a client's command lines (after the bytes it sent early), bounded."""
+
+    def __init__(self, sock, early, flow):
+        self.sock = sock
+        self.buffer = bytearray(early)
+        self.flow = flow
+
+    def fill(self):
+        chunk = self.sock.recv(65536)
+        self.flow.count += len(chunk)
+        self.buffer += chunk
+        return bool(chunk)
+
+    def readline(self, limit):
+        """A line without its line end; None at the end of input; LINE_TOO_LONG
+        for a line over `limit` bytes (read to its end and dropped)."""
+        too_long = False
+        while True:
+            end = self.buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self.buffer[:end + 1])
+                del self.buffer[:end + 1]
+                if too_long or len(line) > limit:
+                    return LINE_TOO_LONG
+                return line.rstrip(b"\r\n")
+            if len(self.buffer) > limit:
+                too_long = True
+                self.buffer.clear()
+            if not self.fill():
+                return None
+
+    def has_line(self):
+        return b"\n" in self.buffer
+
+    def read_some(self):
+        """What is buffered, or else the next chunk from the client (b"" at its end)."""
+        if not self.buffer and not self.fill():
+            return b""
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        return data
+
+    def push_back(self, data):
+        self.buffer[:0] = data
+
+
+def smtp_hostname():
+    """This machine's name for greetings, EHLO and Message-IDs (no DNS asked)."""
+    name = socket.gethostname() or "localhost"
+    return name if re.fullmatch(r"[A-Za-z0-9.-]{1,253}", name) else "localhost"
+
+
+def received_line(helo, peer, host, queue_id, esmtp):
+    """The Received: line minimail puts on top of a message it queues."""
+    from email.utils import formatdate
+    helo = re.sub(r"[^\x21-\x7e]", "?", helo)[:100] or "unknown"
+    return (f"Received: from {helo} ({peer})\r\n\tby {host} (minimail {__version__}) with "
+            f"{'ESMTP' if esmtp else 'SMTP'} id {queue_id};\r\n\t{formatdate(localtime=True)}"
+            f"\r\n").encode("ascii")
+
+
+#: The receiver's commands: verb -> Reception's method.
+SMTP_VERBS = ("EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "VRFY", "HELP", "QUIT")
+#: Asked for, but not offered by the queue's receiver.
+NOT_OFFERED = {
+    "STARTTLS": "502 5.5.1 STARTTLS is not offered here: minimail takes mail on loopback "
+                "while the tunnel is down; send without TLS, or try again later",
+    "AUTH": "502 5.5.1 AUTH is not offered here: minimail takes mail on loopback while "
+            "the tunnel is down; send without AUTH, or try again later",
+    "BDAT": "502 5.5.1 BDAT (CHUNKING) is not offered: use DATA",
+}
+
+
+class Receiver:
+    """Serves an SMTP session itself when the tunnel cannot carry it, and
+    keeps its mail in the spool."""
+
+    def __init__(self, spool, settings, hostname, on_queued):
+        self.spool = spool
+        self.settings = settings
+        self.hostname = hostname
+        self.on_queued = on_queued           # the queue runner learns of the mail
+
+    def serve(self, session, why):
+        log.info("client %s: the tunnel cannot be had (%s): the queue takes the mail",
+                 session.peer, why)
+        reception = Reception(self, session)
+        try:
+            reception.run()
+        except OSError as exc:               # a reset, or the idle timeout
+            session.end(f"queue: closed: {describe_error(exc)}")
+        finally:
+            reception.abandon_draft()
+        session.end(f"queue: {reception.queued} message(s) queued")
+
+
+class Reception:
+    """One SMTP session served by minimail itself: its state and its commands."""
+
+    def __init__(self, receiver, session):
+        self.receiver = receiver
+        self.session = session
+        session.client.settimeout(receiver.settings.idle_timeout or None)
+        self.reader = LineReader(session.client, session.kept, session.sent)
+        self.out = []
+        self.greeted_as = None           # the client's EHLO or HELO name
+        self.esmtp = False
+        self.queued = 0
+        self.draft = None
+        self.reset()
+
+    def reset(self):
+        self.sender = None
+        self.recipients = []
+        self.body = None
+        self.smtputf8 = False
+
+    def send(self, *lines):
+        for line in lines:
+            self.out.append(smtp_reply_line(line))
+
+    def flush(self):
+        if self.out:
+            data = b"".join(self.out)
+            self.out = []
+            self.session.client.sendall(data)
+            self.session.received.count += len(data)
+
+    def run(self):
+        from gevent import Timeout
+        host = self.receiver.hostname
+        self.send(f"220 {host} ESMTP minimail: the tunnel is down, mail is queued")
+        try:
+            while True:
+                if not self.reader.has_line():
+                    self.flush()
+                line = self.reader.readline(COMMAND_LINE_MAX)
+                if line is None:
+                    return
+                if line is LINE_TOO_LONG:
+                    self.send("500 5.5.2 line too long (at most 512 bytes)")
+                    continue
+                if self.command(line) == "QUIT":
+                    return
+        except (socket.timeout, Timeout):
+            self.send("421 4.4.2 minimail: idle too long, closing")
+            self.session.end(f"queue: closed: idle for {self.receiver.settings.idle_timeout:g} s")
+        finally:
+            try:
+                self.flush()
+            except OSError:
+                pass
+
+    def command(self, line):
+        verb, _, argument = line.decode("utf-8", "replace").partition(" ")
+        verb = verb.upper()
+        if verb in SMTP_VERBS:
+            return getattr(self, verb.lower())(argument.strip())
+        self.send(NOT_OFFERED.get(verb, "502 5.5.1 command not recognized"))
+        return None
+
+    def ehlo(self, domain):
+        if not domain:
+            return self.send("501 5.5.4 EHLO needs a domain")
+        self.greeted_as, self.esmtp = domain, True
+        self.reset()
+        host = self.receiver.hostname
+        self.send(f"250-{host} at your service", "250-PIPELINING",
+                  f"250-SIZE {self.receiver.settings.max_size}", "250-8BITMIME", "250-SMTPUTF8",
+                  "250-ENHANCEDSTATUSCODES", "250 HELP")
+
+    def helo(self, domain):
+        if not domain:
+            return self.send("501 5.5.4 HELO needs a domain")
+        self.greeted_as, self.esmtp = domain, False
+        self.reset()
+        self.send(f"250 {self.receiver.hostname}")
+
+    def mail(self, argument):
+        if self.greeted_as is None:
+            return self.send("503 5.5.1 send EHLO or HELO first")
+        if self.sender is not None:
+            return self.send("503 5.5.1 a transaction is under way: RSET first")
+        parsed = parse_path("FROM", argument)
+        if parsed is None:
+            return self.send("501 5.5.4 syntax: MAIL FROM:<address> [parameters]")
+        sender, params = parsed
+        for name, value in params:
+            if name == "SIZE" and value and value.isdigit():
+                if int(value) > self.receiver.settings.max_size:
+                    return self.send("552 5.3.4 message too big for the queue")
+            elif name == "BODY" and value and value.upper() in ("7BIT", "8BITMIME"):
+                self.body = value.upper()
+            elif name == "SMTPUTF8" and value is None:
+                self.smtputf8 = True
+            else:
+                return self.send(f"555 5.5.4 parameter {printable(name, 20)} not supported")
+        if not (sender == "" or valid_address(sender)):
+            return self.send("553 5.1.7 bad sender address")
+        self.sender = sender
+        self.smtputf8 = self.smtputf8 or not sender.isascii()
+        self.send("250 2.1.0 ok")
+
+    def rcpt(self, argument):
+        if self.sender is None:
+            return self.send("503 5.5.1 send MAIL first")
+        parsed = parse_path("TO", argument)
+        if parsed is None or not parsed[0]:
+            return self.send("501 5.5.4 syntax: RCPT TO:<address>")
+        recipient, params = parsed
+        if params:
+            return self.send("555 5.5.4 RCPT parameters not supported")
+        if not valid_address(recipient):
+            return self.send("553 5.1.3 bad recipient address")
+        if len(self.recipients) >= MAX_RECIPIENTS:
+            return self.send("452 4.5.3 too many recipients")
+        self.recipients.append(recipient)
+        self.smtputf8 = self.smtputf8 or not recipient.isascii()
+        self.send("250 2.1.5 ok")
+
+    def data(self, argument):
+        if argument:
+            return self.send("501 5.5.4 DATA takes no argument")
+        if not self.recipients:
+            return self.send("503 5.5.1 send RCPT first" if self.sender is None
+                             else "554 5.5.1 no valid recipients")
+        self.send("354 end data with <CR><LF>.<CR><LF>")
+        self.flush()
+        return self.receive()
+
+    def receive(self):
+        """Read the message into a draft, then queue it durably: 250 only then."""
+        spool = self.receiver.spool
+        try:
+            self.draft = spool.draft()
+            self.draft.write(received_line(self.greeted_as, self.session.peer, self.receiver.hostname,
+                                           self.draft.id, self.esmtp))
+        except OSError as exc:
+            self.draft = FailedDraft(exc)
+        reader = DataReader()
+        while not reader.done:
+            chunk = self.reader.read_some()
+            if not chunk:
+                self.session.end("queue: the client left in the middle of DATA")
+                return "QUIT"
+            for piece in reader.feed(chunk):
+                self.draft.write(piece)
+        self.reader.push_back(reader.leftover)
+        self.finish_message()
+        self.reset()
+        return None
+
+    def finish_message(self):
+        draft, self.draft = self.draft, None
+        if draft.size > self.receiver.settings.max_size:
+            draft.discard()
+            return self.send("552 5.3.4 message too big for the queue")
+        if draft.error is not None:
+            draft.discard()
+            log.warning("queue: cannot write a message: %s", draft.error.strerror)
+            return self.send("452 4.3.1 minimail: the queue is out of space, try again later")
+        envelope = Envelope(draft.id, self.sender, self.recipients, time.time(), draft.size,
+                            body=self.body or ("8BITMIME" if draft.eight_bit else None),
+                            smtputf8=self.smtputf8,
+                            next_try=time.time() + self.receiver.settings.queue_retry)
+        try:
+            in_thread(self.receiver.spool.commit, draft, envelope)
+        except OSError as exc:
+            log.warning("queue: cannot queue a message: %s", exc.strerror)
+            return self.send("452 4.3.1 minimail: the queue is out of space, try again later")
+        self.queued += 1
+        log.info("queue: %s queued: %d bytes, %d recipient(s), from client %s", draft.id,
+                 draft.size, len(self.recipients), self.session.peer)
+        self.send(f"250 2.0.0 queued as {draft.id}")
+        self.receiver.on_queued(envelope)
+
+    def abandon_draft(self):
+        if self.draft is not None:
+            self.draft.discard()
+            self.draft = None
+
+    def rset(self, argument):
+        self.reset()
+        self.send("250 2.0.0 ok")
+
+    def noop(self, argument):
+        self.send("250 2.0.0 ok")
+
+    def vrfy(self, argument):
+        self.send("252 2.5.2 cannot verify here, but will take the mail and try")
+
+    def help(self, argument):
+        self.send("214 2.0.0 minimail keeps mail here while the tunnel to the hoster is down; "
+                  "commands: EHLO HELO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT")
+
+    def quit(self, argument):
+        self.send("221 2.0.0 bye")
+        return "QUIT"
+
+
+class FailedDraft:
+    """Stands in for a draft that could not even be created: DATA is read to
+    its end all the same, then answered 452."""
+
+    def __init__(self, error):
+        self.error, self.size, self.id = error, 0, None
+
+    def write(self, data):
+        self.size += len(data)
+
+    def discard(self):
+        pass
+
+
+def parse_path(keyword, argument):
+    """(address, [(PARAM, value or None)]) from 'FROM:<addr> PARAM=value ...',
+    or None if it is not that."""
+    match = re.fullmatch(rf"(?i){keyword}:\s*<([^<>]*)>((?:\s+\S+)*)\s*", argument)
+    if match is None:
+        return None
+    params = []
+    for word in match[2].split():
+        name, equals, value = word.partition("=")
+        params.append((name.upper(), value if equals else None))
+    return match[1], params
+
+
+class QueueRunner:
+    """Delivers the spool through the tunnel, as one more client of the
+    supervisor (so the tunnel starts on demand and lingers as usual).  It runs
+    when the tunnel comes up for anyone, at each message's next try, at start,
+    and on flush.  It alone changes `waiting` and the files in the spool."""
+
+    def __init__(self, spool, supervisor, settings, hostname, on_change=lambda: None):
+        from gevent.event import Event
+        self.spool = spool
+        self.supervisor = supervisor
+        self.settings = settings
+        self.hostname = hostname
+        self.on_change = on_change
+        self.waiting = {}                 # queue ID -> Envelope, oldest first
+        self.failed = 0                   # messages in failed/
+        self.wake = Event()
+        self.everything = True            # deliver all, not only what is due
+        self.delivering = False
+        self.cleaned_at = 0.0
+
+    # -- what others tell it -------------------------------------------------
+
+    def queued(self, envelope):
+        """The receiver queued a message (its first try comes at next_try)."""
+        self.waiting[envelope.id] = envelope
+        self.on_change()
+
+    def flush(self):
+        """Deliver everything now (`minimail flush`, SIGUSR1): ends ssh's backoff too."""
+        log.info("queue: flush: %d message(s) to deliver", len(self.waiting))
+        self.supervisor.flush()
+        self.everything = True
+        self.wake.set()
+
+    def tunnel_up(self):
+        """The tunnel came up for someone: it carries the queue too (but the
+        runner's own connection does not wake the runner)."""
+        if not self.delivering and self.waiting:
+            self.everything = True
+            self.wake.set()
+
+    def describe(self):
+        waiting = list(self.waiting.values())
+        return {
+            "dir": self.spool.root,
+            "count": len(waiting),
+            "oldest": min((e.arrived for e in waiting), default=None),
+            "next_try": min((e.next_try for e in waiting), default=None),
+            "failed": self.failed,
+        }
+
+    # -- the runner greenlet -------------------------------------------------
+
+    def run(self):
+        self.waiting = {e.id: e for e in self.spool.load()}
+        self.failed = len(self.spool.load("failed"))
+        if self.waiting:
+            log.info("queue: %d message(s) waiting in %s", len(self.waiting), self.spool.root)
+        self.on_change()
+        while True:
+            self.wake.clear()
+            now = time.time()
+            self.expire(now)
+            due = [e for e in self.waiting.values() if self.everything or e.next_try <= now]
+            self.everything = False
+            if due:
+                self.deliver(due)
+            if time.time() - self.cleaned_at > RETRY_MAX:
+                self.cleaned_at = time.time()
+                in_thread(self.spool.forget_old_failures, self.cleaned_at)
+                self.failed = len(self.spool.load("failed"))
+            next_try = min((e.next_try for e in self.waiting.values()), default=None)
+            self.wake.wait(None if next_try is None else max(0.0, next_try - time.time()))
+
+    def deliver(self, envelopes):
+        """One connection through the tunnel for all these messages."""
+        import smtplib
+        self.delivering = True
+        self.supervisor.arrived()
+        try:
+            try:
+                upstream, _child = self.supervisor.connect(self.settings.wait)
+            except (TunnelUnavailable, OutOfDescriptors) as exc:
+                for envelope in envelopes:
+                    self.defer(envelope, f"the tunnel cannot be had: {exc}")
+                return
+            smtp = Hoster(upstream, self.hostname)
+            left = list(envelopes)
+            try:
+                smtp.greet()
+                while left:
+                    self.deliver_one(smtp, left[0])
+                    left.pop(0)
+                smtp.quit()
+            except (smtplib.SMTPException, OSError) as exc:
+                for envelope in left:
+                    self.defer(envelope, f"the connection to the hoster failed: {smtp_error(exc)}")
+            finally:
+                upstream.close()
+        finally:
+            self.supervisor.left()
+            self.delivering = False
+
+    def deliver_one(self, smtp, envelope):
+        """One transaction: each recipient ends delivered, deferred or failed."""
+        with open(self.spool.message(envelope), "rb") as message:
+            results = smtp.transaction(envelope, message)
+        self.settle(envelope, results)
+
+    def settle(self, envelope, results):
+        """Act on the hoster's answers: {recipient: (code, reply)}."""
+        delivered = [r for r, (code, _) in results.items() if 200 <= code < 300]
+        deferred = [r for r, (code, _) in results.items() if not 200 <= code < 300 and code < 500]
+        failed = [(r, reply) for r, (code, reply) in results.items() if code >= 500]
+        codes = sorted({code for code, _ in results.values()})
+        log.info("queue: %s: %d delivered, %d deferred, %d refused (%s)", envelope.id,
+                 len(delivered), len(deferred), len(failed), ", ".join(map(str, codes)))
+        if failed:
+            self.bounce(envelope, failed, expired=False)
+        replies = [reply for code, reply in results.values() if not 200 <= code < 300]
+        self.finish(envelope, deferred, replies[0] if replies else None)
+
+    def defer(self, envelope, reason):
+        """Nothing was delivered this time: try again later."""
+        log.info("queue: %s: deferred (%s)", envelope.id, printable(reason.partition(":")[0], 80))
+        self.finish(envelope, envelope.recipients, reason)
+
+    def finish(self, envelope, still_to_do, last_reply):
+        """Keep the message for what is still to do, or let it leave the queue."""
+        envelope.recipients = list(still_to_do)
+        if still_to_do:
+            envelope.attempts += 1
+            delay = min(RETRY_MAX, self.settings.queue_retry * 2 ** (envelope.attempts - 1))
+            envelope.next_try = time.time() + delay
+            envelope.last_reply = printable(last_reply or "", 300) or None
+            in_thread(self.spool.save, envelope)
+            log.info("queue: %s: next try in %s", envelope.id, format_duration(delay))
+        else:
+            del self.waiting[envelope.id]
+            if envelope.failures:
+                in_thread(self.spool.fail, envelope)
+                self.failed += 1
+            else:
+                in_thread(self.spool.remove, envelope)
+        self.on_change()
+
+    def expire(self, now):
+        """What waited longer than --queue-lifetime goes back to its sender."""
+        for envelope in list(self.waiting.values()):
+            if now - envelope.arrived > self.settings.queue_lifetime:
+                days = self.settings.queue_lifetime / 86400
+                reason = (f"4.4.7 not delivered in {days:g} days; the last try said: "
+                          f"{envelope.last_reply or 'nothing'}")
+                log.info("queue: %s: expired after %g days", envelope.id, days)
+                self.bounce(envelope, [(r, reason) for r in envelope.recipients], expired=True)
+                self.finish(envelope, [], None)
+
+    def bounce(self, envelope, failures, expired):
+        """Tell the sender what failed, in a delivery status notification queued
+        like any mail (from the null sender); a bounce is never bounced."""
+        envelope.failures += [[recipient, printable(reply, 300)] for recipient, reply in failures]
+        if envelope.bounce or not envelope.sender:
+            log.info("queue: %s: not bounced (it is a bounce, or has no sender): kept in failed/",
+                     envelope.id)
+            return
+        with open(self.spool.message(envelope), "rb") as message:
+            header = read_header(message)
+        text = make_bounce(envelope, failures, header, self.hostname, expired)
+        draft = self.spool.draft()
+        draft.write(text)
+        notice = Envelope(draft.id, "", [envelope.sender], time.time(), draft.size,
+                          body="8BITMIME" if draft.eight_bit else None,
+                          smtputf8=not envelope.sender.isascii(), bounce=True,
+                          next_try=time.time())
+        try:
+            in_thread(self.spool.commit, draft, notice)
+        except OSError as exc:
+            log.warning("queue: %s: cannot queue its bounce: %s", envelope.id, exc.strerror)
+            return
+        self.waiting[notice.id] = notice
+        log.info("queue: %s: bounced as %s", envelope.id, notice.id)
+
+
+def smtp_error(exc):
+    """A short, safe description of what went wrong talking to the hoster."""
+    import smtplib
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return f"{exc.smtp_code} {printable(exc.smtp_error, 200)}"
+    if isinstance(exc, OSError):
+        return describe_error(exc)
+    return printable(str(exc), 200) or type(exc).__name__
+
+
+class Hoster:
+    """The runner's side of an SMTP dialogue with the hoster, over a connection
+    through the tunnel: smtplib on a gevent socket, no monkey-patching."""
+
+    def __init__(self, upstream, hostname):
+        import smtplib
+        upstream.settimeout(SMTP_TIMEOUT)
+        self.smtp = smtplib.SMTP(local_hostname=hostname, timeout=SMTP_TIMEOUT)
+        self.smtp.sock = upstream
+
+    def greet(self):
+        import smtplib
+        code, text = self.smtp.getreply()
+        if code != 220:
+            raise smtplib.SMTPConnectError(code, text)
+        code, text = self.smtp.ehlo()
+        if code != 250:
+            code, text = self.smtp.helo()
+            if code != 250:
+                raise smtplib.SMTPHeloError(code, text)
+
+    def transaction(self, envelope, message):
+        """MAIL, RCPT for each recipient, DATA: {recipient: (code, reply)}."""
+        smtp = self.smtp
+        options = []
+        if envelope.smtputf8:
+            if not smtp.has_extn("smtputf8"):
+                refusal = (553, "553 5.6.7 the hoster takes no non-ASCII addresses (no SMTPUTF8)")
+                return {r: refusal for r in envelope.recipients}
+            options.append("SMTPUTF8")
+        if envelope.body == "8BITMIME" and smtp.has_extn("8bitmime"):
+            options.append("BODY=8BITMIME")
+        if smtp.has_extn("size"):
+            options.append(f"SIZE={envelope.size}")
+        code, text = smtp.mail(envelope.sender, options)
+        if code != 250:
+            smtp.rset()
+            return {r: (code, reply_text(code, text)) for r in envelope.recipients}
+        results, accepted = {}, []
+        for recipient in envelope.recipients:
+            code, text = smtp.rcpt(recipient)
+            results[recipient] = (code, reply_text(code, text))
+            if 200 <= code < 300:
+                accepted.append(recipient)
+        if not accepted:
+            smtp.rset()
+            return results
+        code, text = self.send_data(message)
+        for recipient in accepted:
+            results[recipient] = (code, reply_text(code, text))
+        if code != 250:
+            smtp.rset()
+        return results
+
+    def send_data(self, message):
+        """DATA with the stored text streamed from disk: its lines end in CRLF,
+        so doubling a dot after each LF is all the stuffing it needs."""
+        code, text = self.smtp.docmd("DATA")
+        if code != 354:
+            return code, text
+        at_line_start = True
+        while True:
+            chunk = message.read(CHUNK_SIZE)
+            if not chunk:
+                break
+            stuffed = chunk.replace(b"\n.", b"\n..")
+            if at_line_start and chunk.startswith(b"."):
+                stuffed = b"." + stuffed
+            at_line_start = chunk.endswith(b"\n")
+            self.smtp.sock.sendall(stuffed)
+        self.smtp.sock.sendall(b".\r\n" if at_line_start else b"\r\n.\r\n")
+        return self.smtp.getreply()
+
+    def quit(self):
+        try:
+            self.smtp.quit()
+        except OSError:
+            pass
+
+
+def reply_text(code, text):
+    return f"{code} {printable(text, 300)}"
+
+
+def read_header(message):
+    """The header of a stored message (up to its first empty line), bounded."""
+    header = message.read(HEADER_QUOTE_MAX)
+    end = header.find(b"\r\n\r\n")
+    return header[:end + 2] if end >= 0 else header
+
+
+def enhanced_status(reply, expired):
+    """The RFC 3463 status for a failed recipient: from the reply, or a default."""
+    match = re.search(r"\b([245]\.\d{1,3}\.\d{1,3})\b", reply)
+    if match:
+        return match[1]
+    return "4.4.7" if expired else "5.0.0"
+
+
+def make_bounce(envelope, failures, header, hostname, expired):
+    """A delivery status notification (RFC 3464): a short text in plain words,
+    message/delivery-status per recipient, and the original's header."""
+    from email.utils import formatdate, make_msgid
+    now = formatdate(localtime=True)
+    boundary = f"{envelope.id}.{random.getrandbits(32):08x}/{hostname}"
+    why = (f"it could not be delivered in {len(failures) and ''}the time allowed"
+           if expired else "the hoster refused it")
+    plain = [f"This is minimail on {hostname}.", "",
+             f"Your message (queue ID {envelope.id}) was not delivered to the recipients",
+             f"below: {why}. Nothing more will be tried for them.", ""]
+    plain += [f"<{recipient}>: {reply}" for recipient, reply in failures]
+    per_recipient = []
+    for recipient, reply in failures:
+        per_recipient += ["", f"Final-Recipient: rfc822; {recipient}", "Action: failed",
+                          f"Status: {enhanced_status(reply, expired)}",
+                          f"Diagnostic-Code: smtp; {reply}", f"Last-Attempt-Date: {now}"]
+    status = [f"Reporting-MTA: dns; {hostname}", f"X-Minimail-Queue-ID: {envelope.id}",
+              f"Arrival-Date: {formatdate(envelope.arrived, localtime=True)}", *per_recipient]
+    head = [f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
+            f"To: <{envelope.sender}>", "Subject: Undelivered Mail Returned to Sender",
+            f"Date: {now}", f"Message-ID: {make_msgid(domain=hostname)}",
+            "Auto-Submitted: auto-replied", "MIME-Version: 1.0",
+            f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+            "", "This is a MIME-encapsulated message.", ""]
+    parts = [f"--{boundary}", "Content-Type: text/plain; charset=utf-8",
+             "Content-Description: Notification", "", *plain, "",
+             f"--{boundary}", "Content-Type: message/delivery-status",
+             "Content-Description: Delivery report", "", *status, "",
+             f"--{boundary}", "Content-Type: text/rfc822-headers",
+             "Content-Description: Undelivered Message Headers", ""]
+    text = "\r\n".join(head + parts).encode("utf-8") + b"\r\n" + header.rstrip(b"\r\n") + \
+        f"\r\n\r\n--{boundary}--\r\n".encode()
+    return text
+
+
+# ---------------------------------------------------------------------------
+# Privileges
+# ---------------------------------------------------------------------------
+
+def target_user(settings):
+    """The user to become after binding (a pwd entry), or None to stay as we are."""
+    if os.geteuid() != 0:
+        me = pwd.getpwuid(os.geteuid()).pw_name
+        if settings.user not in (None, me):
+            raise Fatal(f"--user {settings.user} needs root; minimail runs as {me}")
+        return None
+    name = settings.user or os.environ.get("SUDO_USER")
+    if not name or (name == "root" and settings.user != "root"):
+        raise Fatal("refusing to run the tunnel as root: name the user to become with "
+                    "--user USER (or say --user root to stay root)")
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        raise UsageError(f"--user: there is no user {name!r}") from None
+
+
+def become_daemon_user(user):
+    """After binding, in this order, for these reasons: clear the ambient
+    capabilities (the port's capability must not pass on to ssh); import what
+    the daemon will need (the interpreter's directory may be closed to the new
+    user); then drop root for good (after which nothing of root's can be
+    regained, and ssh runs with the user's keys)."""
+    clear_ambient_capabilities()
+    preload()
+    if user is not None:
+        drop_privileges(user)
+
+
+def drop_privileges(user):
+    """Become user for good: supplementary groups, gid, then uid (real,
+    effective and saved); check that root cannot be regained."""
+    if user.pw_uid != 0:
+        os.initgroups(user.pw_name, user.pw_gid)
+        os.setresgid(user.pw_gid, user.pw_gid, user.pw_gid)
+        os.setresuid(user.pw_uid, user.pw_uid, user.pw_uid)
+        try:
+            os.setuid(0)
+        except PermissionError:
+            pass
+        else:
+            raise Fatal("dropping root failed: the process could become root again")
+    os.environ.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
+    log.info("running as %s (uid %d)", user.pw_name, user.pw_uid)
+
+
+def clear_ambient_capabilities():
+    """Keep a capability systemd granted for binding (AmbientCapabilities=) from
+    passing on to ssh: clear the ambient set once the port is bound (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            ambient = re.search(r"^CapAmb:\s*([0-9a-f]+)", f.read(), re.M)
+    except OSError:
+        return
+    if not ambient or int(ambient[1], 16) == 0:
+        return
+    prctl = libc_function("prctl")
+    if prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
+        log.warning("cannot clear ambient capabilities: %s", os.strerror(ctypes.get_errno()))
+
+
+def preload():
+    """Import now what gevent and minimail would import lazily later: after the
+    drop, the interpreter's own directory may be closed to the new user."""
+    import email.utils
+    import gevent
+    import gevent.event
+    import gevent.pool
+    import gevent.select
+    import gevent.server
+    import gevent.socket
+    import gevent.subprocess
+    import mmap
+    import smtplib
+    hub = gevent.get_hub()
+    hub.threadpool.spawn(int).get()
+    hub.resolver
+    importlib_module("gevent.fileobject")         # ssh's stderr pipe
+    "localhost".encode("idna")
+    json.dumps(signal.Signals.SIGTERM.name)
+    email.utils.formatdate(localtime=True)
+    email.utils.make_msgid(domain="localhost")
+    del mmap, smtplib
+
+
+def importlib_module(name):
+    import importlib
+    return importlib.import_module(name)
+
+
+def raise_open_files_limit(max_clients):
+    """Raise the soft limit of open files to the hard one, for many clients;
+    warn when even that is too low for --max-clients."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = OPEN_FILES_CAP
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    needed = max_clients * FDS_PER_CLIENT + FDS_SPARE
+    if soft < needed:
+        return (f"the open files limit ({soft}) is too low for --max-clients {max_clients}: each "
+                f"client can hold {FDS_PER_CLIENT} descriptors; raise it to {needed} or more "
+                f"(ulimit -n, or LimitNOFILE= in minimail.service), or lower --max-clients")
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Pid, state and log files
+# ---------------------------------------------------------------------------
+
+Paths = collections.namedtuple("Paths", "pidfile logfile queue")
+
+
+def default_paths():
+    """Where the daemon's files go when not told otherwise."""
+    if os.geteuid() == 0:
+        return Paths("/run/minimail/minimail.pid", "/var/log/minimail.log", "/var/spool/minimail")
+    state_home = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    state = os.path.join(state_home, "minimail")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    pid_dir = os.path.join(runtime, "minimail") if runtime else state
+    return Paths(os.path.join(pid_dir, "minimail.pid"), os.path.join(state, "minimail.log"),
+                 os.path.join(state, "queue"))
+
+
+def state_path(pidfile):
+    """The state file that `status` reads: next to the pid file."""
+    return os.path.splitext(pidfile)[0] + ".state"
+
+
+def can_write(user, st):
+    """Whether user (a pwd entry, or None for ourselves) may create files in a
+    directory with stat st."""
+    if user is None:
+        uid, groups = os.geteuid(), set(os.getgroups()) | {os.getegid()}
+    else:
+        uid, groups = user.pw_uid, set(os.getgrouplist(user.pw_name, user.pw_gid))
+    if uid == 0:
+        return True
+    if st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IWUSR)
+    if st.st_gid in groups:
+        return bool(st.st_mode & stat.S_IWGRP)
+    return bool(st.st_mode & stat.S_IWOTH)
+
+
+def prepare_directory(path, user, mode, must_write=True):
+    """A directory for the daemon's files.  One that minimail makes is given to
+    the daemon's user through its open descriptor (never through a path that
+    could have become a link); an existing one keeps its owner, and must
+    already be writable by that user.  Parents it makes stay root's (0755)."""
+    parent = os.path.dirname(path)
+    if parent != path and not os.path.isdir(parent):
+        prepare_directory(parent, None, 0o755, must_write=False)
+    try:
+        os.mkdir(path, mode)
+        made = True
+    except FileExistsError:
+        made = False
+    except OSError as exc:
+        raise Fatal(f"cannot make the directory {path}: {exc.strerror}") from None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (os.O_NOFOLLOW if made else 0))
+    except OSError as exc:
+        raise Fatal(f"{path}: {exc.strerror}") from None
+    try:
+        if made and user is not None:
+            os.fchown(fd, user.pw_uid, user.pw_gid)
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if must_write and not can_write(user, st):
+        who = user.pw_name if user else pwd.getpwuid(os.geteuid()).pw_name
+        raise Fatal(f"{path}: the daemon's user {who} cannot write there (it belongs to "
+                    f"{owner_name(st.st_uid)}); choose another place, or make it writable for {who}")
+
+
+def owner_name(uid):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def open_log_file(path, user):
+    """Open the log for appending without following a link (O_NOFOLLOW) and
+    refuse anything but a regular file of ours with one link; then give it to
+    the daemon's user through the descriptor (fchown, fchmod)."""
+    flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+             | os.O_NONBLOCK)                   # a FIFO must not hang the start
+    try:
+        fd = os.open(path, flags, 0o640)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise Fatal(f"the log file {path} is a symbolic link: refusing to write through it") \
+                from None
+        if exc.errno == errno.ENXIO:
+            raise Fatal(f"the log file {path} is not a regular file") from None
+        raise Fatal(f"cannot open the log file {path}: {exc.strerror}") from None
+    os.set_blocking(fd, True)
+    try:
+        st = os.fstat(fd)
+        allowed = {0, os.geteuid()} | ({user.pw_uid} if user else set())
+        if not stat.S_ISREG(st.st_mode):
+            raise Fatal(f"the log file {path} is not a regular file")
+        if st.st_nlink != 1:
+            raise Fatal(f"the log file {path} has other hard links: refusing to write to it")
+        if st.st_uid not in allowed:
+            raise Fatal(f"the log file {path} belongs to {owner_name(st.st_uid)}: refusing to "
+                        f"write to it")
+        if user is not None:
+            os.fchown(fd, user.pw_uid, user.pw_gid)
+            os.fchmod(fd, 0o640)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+class LogFile(logging.FileHandler):
+    """The daemon's log file, opened safely, reopened on SIGHUP after logrotate
+    has moved it."""
+
+    def __init__(self, path, user):
+        super().__init__(path, encoding="utf-8", delay=True)
+        self.setStream(open_log_file(path, user))
+
+    def reopen(self):
+        try:
+            stream = open_log_file(self.baseFilename, None)
+        except Fatal as exc:
+            log.warning("SIGHUP: %s; still writing to the old file", exc)
+            return
+        old = self.setStream(stream)
+        if old:
+            old.close()
+        log.info("log file reopened")
+
+    def _open(self):                 # logging reopens by name after a close: never
+        return open_log_file(self.baseFilename, None)
+
+
+def log_to_stderr(verbose):
+    """Log to stderr without timestamps: the journal or the terminal adds its own."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    install_log_handler(handler, verbose)
+
+
+def log_to_file(path, verbose, user):
+    """Log to a file with timestamps; open it now, while we may, for user."""
+    handler = LogFile(path, user)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s minimail[%(process)d] %(levelname)s %(message)s"))
+    install_log_handler(handler, verbose)
+    return handler
+
+
+def install_log_handler(handler, verbose):
+    # Record nothing the formats do not print (the logging docs' "Optimization").
+    logging.logThreads = logging.logMultiprocessing = False
+    logging._srcfile = None
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+def note_sighup(_signum=None, _frame=None):
+    """SIGHUP where there is no log file to reopen: logged, never fatal."""
+    log.info("SIGHUP: logging to stderr, nothing to reopen")
+
+
+class PidFile:
+    """The daemon's pid file, locked (flock) for as long as the daemon runs:
+    a second daemon with the same pid file cannot start, and `stop` believes
+    only the process that holds the lock."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = None
+
+    def acquire(self):
+        """Lock and write the pid file (after the final fork, so the lock is the
+        daemon's; O_CLOEXEC, so the tunnel does not inherit it)."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as exc:
+            raise Fatal(f"cannot open the pid file {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = lock_holder(self.path)
+            raise Fatal(f"already running (pid {holder or '?'}, pid file {self.path})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self):
+        """Remove the pid file, if it is ours (never the winner's of a race)."""
+        if self.fd is not None:
+            remove_file(self.path)
+            os.close(self.fd)
+            self.fd = None
+
+
+def lock_holder(path):
+    """The pid of the process that holds the flock on path (Linux: /proc/locks)."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as f:
+            locks = f.read()
+    except OSError:
+        return None
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in locks.splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device \
+                and fields[4].isdigit():
+            return int(fields[4])
+    return None
+
+
+def is_minimail(pid):
+    """True if pid runs (not a zombie) and is minimail."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    return b"minimail" in cmdline and not exited(pid)
+
+
+def daemon_pid(pidfile):
+    """The daemon's pid: the process that holds the pid file's lock and is
+    minimail.  What the file says is never trusted (its directory belongs to
+    the daemon's user, who could write any pid there)."""
+    holder = lock_holder(pidfile)
+    return holder if holder is not None and is_minimail(holder) else None
+
+
+def remove_file(path):
+    """Remove a file of ours; say so if that is impossible."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, exc.strerror)
+
+
+class StateFile:
+    """The daemon's figures for `minimail status`: 0600, replaced atomically
+    soon after each change (changes within STATE_DELAY are written once)."""
+
+    def __init__(self, path, describe):
+        self.path = path
+        self.describe = describe
+        self.pending = None
+        self.failed = False
+
+    def changed(self):
+        from gevent import spawn_later
+        if self.pending is None:
+            self.pending = spawn_later(STATE_DELAY, self.write)
+
+    def write(self):
+        self.pending = None
+        temporary = f"{self.path}.tmp"
+        try:
+            remove_quietly(temporary)
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.describe(), f, indent=1)
+            os.replace(temporary, self.path)
+        except OSError as exc:
+            if not self.failed:
+                log.warning("cannot write the state file %s: %s", self.path, exc.strerror)
+            self.failed = True
+
+    def remove(self):
+        if self.pending is not None:
+            self.pending.kill()
+        remove_file(self.path)
+
+
+def read_state(pidfile):
+    """What the daemon's state file says, checked field by field (it lies in a
+    directory the daemon's user owns: never trusted); {} if unreadable."""
+    try:
+        with open(state_path(pidfile), "rb") as f:
+            raw = f.read(SMALL_FILE_MAX + 1)
+        data = json.loads(raw) if len(raw) <= SMALL_FILE_MAX else None
+    except (OSError, ValueError):
+        return {}
+    return checked(data, STATE_SCHEMA) if isinstance(data, dict) else {}
+
+
+#: What a state file may hold: field -> kind, or a nested schema.
+NUMBER, TEXT, FLAG = "number", "text", "flag"
+STATE_SCHEMA = {
+    "started": NUMBER, "listening": TEXT, "tunnel_to": TEXT, "drain": NUMBER,
+    "clients_active": NUMBER, "sessions": NUMBER, "bytes_from_clients": NUMBER,
+    "bytes_to_clients": NUMBER, "updated": NUMBER,
+    "tunnel": {"state": TEXT, "pid": NUMBER, "since": NUMBER, "stops_at": NUMBER,
+               "session": FLAG, "failures": NUMBER, "retry_at": NUMBER, "last_error": TEXT},
+    "queue": {"dir": TEXT, "count": NUMBER, "oldest": NUMBER, "next_try": NUMBER,
+              "failed": NUMBER},
+}
+
+
+def checked(data, schema):
+    """The fields of data that fit schema: finite numbers, short printable
+    texts, flags; anything else (or missing) becomes None."""
+    result = {}
+    for name, kind in schema.items():
+        value = data.get(name)
+        if isinstance(kind, dict):
+            value = checked(value, kind) if isinstance(value, dict) else None
+        elif kind == NUMBER:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and math.isfinite(value)
+            value = value if ok else None
+        elif kind == TEXT:
+            value = printable(value, 300) if isinstance(value, str) else None
+        else:
+            value = value if isinstance(value, bool) else None
+        result[name] = value
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Running the daemon
 # ---------------------------------------------------------------------------
 
 def bind(settings):
@@ -1065,189 +3366,54 @@ def describe_socket(sock):
     return address if isinstance(address, str) else format_peer(address)
 
 
-def default_paths():
-    """(pid file, log file) of the daemon when --pidfile and --logfile are not given."""
-    if os.geteuid() == 0:
-        return "/run/minimail/minimail.pid", "/var/log/minimail.log"
-    state_home = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    state = os.path.join(state_home, "minimail")
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    pid_dir = os.path.join(runtime, "minimail") if runtime else state
-    return os.path.join(pid_dir, "minimail.pid"), os.path.join(state, "minimail.log")
-
-
-def state_path(pidfile):
-    """The state file that `status` reads: next to the pid file."""
-    return os.path.splitext(pidfile)[0] + ".state"
-
-
-def running_pid(pidfile):
-    """The pid in pidfile if a minimail process runs under it; None if the file is
-    missing or stale (the process is gone, a zombie, or another program)."""
-    try:
-        with open(pidfile) as f:
-            pid = int(f.read().split()[0])
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rpartition(")")[2].split()[0]
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except (OSError, ValueError, IndexError):
+def open_relay_warning(sock):
+    """A warning when clients can come from other hosts than this one."""
+    address = sock.getsockname()
+    if isinstance(address, str) or ipaddress.ip_address(address[0]).is_loopback:
         return None
-    return pid if state != "Z" and b"minimail" in cmdline else None
+    return (f"listening on {describe_socket(sock)}, which is not loopback: every host that "
+            f"reaches this port can send mail through your hoster, which trusts its own "
+            f"localhost (an open relay); listen on 127.0.0.1 unless a firewall keeps others out")
 
 
-def make_owned_dir(path, owner):
-    """Create path (mode 0755) and give it to the daemon's user, who must be
-    able to replace the state file and remove the pid file after the drop."""
-    os.makedirs(path, mode=0o755, exist_ok=True)
-    if owner is not None:
-        os.chown(path, owner.pw_uid, owner.pw_gid)
+TUNNEL_DIR = re.compile(r"minimail-tunnel-(\d+)-\w{8}")
 
 
-def write_pidfile(pidfile):
-    with open(pidfile, "w") as f:
-        f.write(f"{os.getpid()}\n")
+def make_tunnel_dir(base):
+    """A private directory (0700) for this daemon's tunnel sockets, named for
+    its pid, so that a later start removes it if minimail was killed.  Where
+    base's path is too long for a socket, somewhere shorter and as private."""
+    for candidate in (base, os.environ.get("XDG_RUNTIME_DIR"), tempfile.gettempdir()):
+        if not candidate or not os.path.isdir(candidate) or not os.access(candidate, os.W_OK):
+            continue
+        remove_leftover_tunnel_dirs(candidate)
+        longest = os.path.join(candidate, f"minimail-tunnel-{os.getpid()}-xxxxxxxx",
+                               "tunnel-999999.sock")
+        if len(longest.encode()) > SOCKET_PATH_MAX:
+            log.info("%s is too deep for a socket path: the tunnel's sockets go elsewhere",
+                     candidate)
+            continue
+        return tempfile.mkdtemp(prefix=f"minimail-tunnel-{os.getpid()}-", dir=candidate)
+    raise Fatal("no private directory with a path short enough for the tunnel's socket "
+                "(set XDG_RUNTIME_DIR, or use --tunnel-port)")
 
 
-def remove_file(path):
-    """Remove a file of ours; say so if that is impossible."""
+def remove_leftover_tunnel_dirs(base):
+    """Remove tunnel directories of ours whose minimail has died (kill -9)."""
     try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("cannot remove %s: %s", path, exc.strerror)
-
-
-def target_user(settings):
-    """The user to become after binding (a pwd entry), or None to stay as we are."""
-    if os.geteuid() != 0:
-        me = pwd.getpwuid(os.geteuid()).pw_name
-        if settings.user not in (None, me):
-            raise Fatal(f"--user {settings.user} needs root; minimail runs as {me}")
-        return None
-    name = settings.user or os.environ.get("SUDO_USER")
-    if not name or (name == "root" and settings.user != "root"):
-        raise Fatal("refusing to run the tunnel as root: name the user to become with "
-                    "--user USER (or say --user root to stay root)")
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        raise UsageError(f"--user: there is no user {name!r}") from None
-
-
-def drop_privileges(user):
-    """Become user for good: supplementary groups, gid, then uid (real,
-    effective and saved); check that root cannot be regained."""
-    if user.pw_uid != 0:
-        os.initgroups(user.pw_name, user.pw_gid)
-        os.setresgid(user.pw_gid, user.pw_gid, user.pw_gid)
-        os.setresuid(user.pw_uid, user.pw_uid, user.pw_uid)
-        try:
-            os.setuid(0)
-        except PermissionError:
-            pass
-        else:
-            raise Fatal("dropping root failed: the process could become root again")
-    os.environ.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
-    log.info("running as %s (uid %d)", user.pw_name, user.pw_uid)
-
-
-def clear_ambient_capabilities():
-    """Keep a capability systemd granted for binding (AmbientCapabilities=) from
-    passing on to ssh: clear the ambient set once the port is bound (Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            ambient = re.search(r"^CapAmb:\s*([0-9a-f]+)", f.read(), re.M)
+        entries = os.listdir(base)
     except OSError:
         return
-    if not ambient or int(ambient[1], 16) == 0:
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
-        log.warning("cannot clear ambient capabilities: %s", os.strerror(ctypes.get_errno()))
-
-
-def preload():
-    """Import now what gevent and minimail would import lazily later: after the
-    drop, the interpreter's own directory may be closed to the new user."""
-    hub = gevent.get_hub()
-    hub.threadpool.spawn(int).get()
-    hub.resolver
-    importlib.import_module("gevent.fileobject")     # ssh's stderr pipe
-    "localhost".encode("idna")
-    json.dumps(signal.Signals.SIGTERM.name)
-
-
-def raise_open_files_limit():
-    """Raise the soft limit of open files to the hard one, for many clients."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = OPEN_FILES_CAP
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    log.info("open files limit: %d", soft)
-
-
-def make_tunnel_dir(base=None):
-    """A private directory (mode 0700) for the tunnel's Unix socket."""
-    base = base or os.environ.get("XDG_RUNTIME_DIR")
-    if not base or not os.access(base, os.W_OK):
-        base = None
-    return tempfile.mkdtemp(prefix="minimail-", dir=base)
-
-
-# ---------------------------------------------------------------------------
-# Logging, readiness and state
-# ---------------------------------------------------------------------------
-
-class LogFile(logging.FileHandler):
-    """The daemon's log file, reopened on SIGHUP after logrotate has moved it."""
-
-    def reopen(self):
-        try:
-            stream = open(self.baseFilename, "a", encoding="utf-8")
-        except OSError as exc:
-            log.warning("cannot reopen %s: %s; still writing to the old file",
-                        self.baseFilename, exc.strerror)
-            return
-        old = self.setStream(stream)
-        if old:
-            old.close()
-        log.info("log file reopened")
-
-
-def log_to_stderr(verbose):
-    """Log to stderr without timestamps: the journal or the terminal adds its own."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    install_log_handler(handler, verbose)
-
-
-def log_to_file(path, verbose, owner):
-    """Log to a file with timestamps; create it now, while we may, for owner."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    handler = LogFile(path, encoding="utf-8")
-    os.chmod(path, 0o640)
-    if owner is not None:
-        os.chown(path, owner.pw_uid, owner.pw_gid)
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s minimail[%(process)d] %(levelname)s %(message)s"))
-    install_log_handler(handler, verbose)
-    return handler
-
-
-def install_log_handler(handler, verbose):
-    # Record nothing the formats do not print (the logging docs' "Optimization").
-    logging.logThreads = logging.logMultiprocessing = False
-    logging._srcfile = None
-    log.handlers[:] = [handler]
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
-    log.propagate = False
+    for name in entries:
+        match = TUNNEL_DIR.fullmatch(name)
+        path = os.path.join(base, name)
+        if match and not is_minimail(int(match[1])) and int(match[1]) != os.getpid():
+            try:
+                if os.lstat(path).st_uid == os.geteuid() and stat.S_ISDIR(os.lstat(path).st_mode):
+                    shutil.rmtree(path, ignore_errors=True)
+                    log.info("removed %s, left by a minimail that was killed", path)
+            except OSError:
+                pass
 
 
 class Readiness:
@@ -1286,70 +3452,33 @@ class Readiness:
                 log.warning("cannot notify systemd: %s", exc.strerror)
 
 
-class StateFile:
-    """The daemon's figures for `minimail status`, replaced atomically soon after
-    each change (changes within STATE_DELAY are written once)."""
-
-    def __init__(self, path, describe):
-        self.path = path
-        self.describe = describe
-        self.pending = None
-        self.failed = False
-
-    def changed(self):
-        if self.pending is None:
-            self.pending = gevent.spawn_later(STATE_DELAY, self.write)
-
-    def write(self):
-        self.pending = None
-        temporary = f"{self.path}.tmp"
-        try:
-            with open(temporary, "w") as f:
-                json.dump(self.describe(), f, indent=1)
-            os.replace(temporary, self.path)
-        except OSError as exc:
-            if not self.failed:
-                log.warning("cannot write the state file %s: %s", self.path, exc.strerror)
-            self.failed = True
-
-    def remove(self):
-        if self.pending is not None:
-            self.pending.kill()
-        remove_file(self.path)
-
-
-# ---------------------------------------------------------------------------
-# Running the daemon
-# ---------------------------------------------------------------------------
-
-def describe_tunnel(settings):
-    """How the tunnel is made, for the start-up line."""
-    if settings.tunnel_command:
-        return f"{shlex.join(settings.tunnel_command)} on 127.0.0.1:{settings.tunnel_port}"
-    return f"ssh {settings.destination} to {settings.remote}"
-
-
 def start(settings, foreground):
     """Start minimail, in the foreground or as a daemon; return the exit status."""
+    signal.signal(signal.SIGHUP, note_sighup)     # from bind() on; not SIG_IGN, which ssh would inherit
     user = target_user(settings)
-    default_pidfile, default_logfile = default_paths()
-    pidfile = settings.pidfile or (None if foreground else default_pidfile)
-    if pidfile:
-        pid = running_pid(pidfile)
-        if pid:
-            raise Fatal(f"already running (pid {pid}, pid file {pidfile})")
+    paths = default_paths()
+    pidfile = settings.pidfile or (None if foreground else paths.pidfile)
+    if pidfile and daemon_pid(pidfile):
+        raise Fatal(f"already running (pid {daemon_pid(pidfile)}, pid file {pidfile})")
     listener = inherited_listener() or bind(settings)
+    warnings = [w for w in (open_relay_warning(listener),
+                            raise_open_files_limit(settings.max_clients)) if w]
     if pidfile:
-        make_owned_dir(os.path.dirname(pidfile), user)
+        prepare_directory(os.path.dirname(pidfile), user, 0o755)
+    if settings.queue:
+        prepare_directory(settings.queue, user, 0o700)
     if foreground:
         log_to_stderr(settings.verbose)
-        return run(settings, listener, user, pidfile, Readiness())
-    logfile = settings.logfile or default_logfile
+        return run(settings, listener, user, pidfile, Readiness(), warnings=warnings)
+    logfile = settings.logfile or paths.logfile
+    prepare_directory(os.path.dirname(logfile), user, 0o755, must_write=False)
     handler = log_to_file(logfile, settings.verbose, user)
+    for warning in warnings:
+        print(f"minimail: warning: {warning}", file=sys.stderr)
     in_daemon, result = detach(keep={listener.fileno(), handler.stream.fileno()})
     if not in_daemon:
         return report_start(result, logfile)
-    return run(settings, listener, user, pidfile, Readiness(result), handler)
+    return run(settings, listener, user, pidfile, Readiness(result), handler, warnings)
 
 
 def detach(keep):
@@ -1392,123 +3521,168 @@ def report_start(word, logfile):
     return 1
 
 
-def run(settings, listener, user, pidfile, readiness, logfile=None):
+def run(settings, listener, user, pidfile, readiness, logfile=None, warnings=()):
     """Serve until a signal stops minimail; return the exit status."""
     where = describe_socket(listener)
-    tunnel_dir = None
+    log.info("open files limit: %d", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    for warning in warnings:
+        log.warning("%s", warning)
+    daemon = Daemon(settings, listener, pidfile, logfile)
     try:
-        raise_open_files_limit()
-        clear_ambient_capabilities()
-        preload()
-        stopping = Event()
-        if user is not None:
-            drop_privileges(user)
-        if pidfile:
-            write_pidfile(pidfile)
-        tunnel_dir = None if settings.tunnel_port else make_tunnel_dir(
-            os.path.dirname(pidfile) if pidfile else None)
-        endpoint = settings.tunnel_port or os.path.join(tunnel_dir, "tunnel.sock")
-        tunnel = Tunnel(settings, endpoint)
-        server = Forwarder(listener, tunnel, settings)
-        state = StateFile(state_path(pidfile), lambda: describe_daemon(server, settings)) if pidfile else None
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            gevent.signal_handler(signum, on_signal, server, stopping)
-        if logfile is not None:
-            gevent.signal_handler(signal.SIGHUP, logfile.reopen)
-        supervisor = gevent.spawn(tunnel.run)
-        supervisor.link_exception(lambda _: stopping.set())
-        server.start()
+        become_daemon_user(user)
+        daemon.start()
     except (Fatal, OSError) as exc:
         reason = exc if isinstance(exc, Fatal) else f"cannot start: {exc}"
         log.error("%s", reason)
         readiness.failed(str(reason))
-        cleanup(pidfile, tunnel_dir)
+        daemon.clean_up()
         return 1
-    if state:
-        tunnel.on_change = server.on_change = state.changed
-        state.write()
-    log.info("listening on %s; tunnel: %s", where, describe_tunnel(settings))
+    log.info("listening on %s; tunnel: %s; queue: %s", where, settings.describe_tunnel(),
+             settings.queue or "off")
     readiness.ready(where)
-    try:
-        stopping.wait()
+    return daemon.serve(readiness)
+
+
+class Daemon:
+    """The running daemon's parts, built after the privilege drop in the order
+    they need each other, and taken down in reverse: stop accepting, drain the
+    sessions, stop the queue runner, stop the tunnel, remove the files."""
+
+    def __init__(self, settings, listener, pidfile, logfile):
+        self.settings = settings
+        self.listener = listener
+        self.pidfile = PidFile(pidfile) if pidfile else None
+        self.logfile = logfile
+        self.tunnel_dir = None
+        self.state = None
+        self.runner = None
+        self.greenlets = []
+        self.signals = 0
+
+    def start(self):
+        from gevent import signal_handler, spawn
+        from gevent.event import Event
+        settings = self.settings
+        self.stopping = Event()
+        if self.pidfile:
+            self.pidfile.acquire()
+            self.state = StateFile(state_path(self.pidfile.path), self.describe)
+        on_change = self.state.changed if self.state else (lambda: None)
+        if settings.tunnel_port:
+            endpoints = lambda n: settings.tunnel_port
+        else:
+            self.tunnel_dir = make_tunnel_dir(self.pidfile and os.path.dirname(self.pidfile.path))
+            endpoints = lambda n: os.path.join(self.tunnel_dir, f"tunnel-{n}.sock")
+        self.supervisor = Supervisor(settings, endpoints, on_change=on_change,
+                                     on_up=lambda: self.runner and self.runner.tunnel_up())
+        receiver = None
+        if settings.queue:
+            spool, hostname = Spool(settings.queue), smtp_hostname()
+            spool.prepare()
+            self.runner = QueueRunner(spool, self.supervisor, settings, hostname, on_change)
+            receiver = Receiver(spool, settings, hostname, on_queued=self.runner.queued)
+        self.forwarder = Forwarder(self.listener, self.supervisor, settings, receiver, on_change)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal_handler(signum, self.on_signal)
+        signal_handler(signal.SIGHUP, self.logfile.reopen if self.logfile else note_sighup)
+        signal_handler(signal.SIGUSR1, self.runner.flush if self.runner else self.no_queue)
+        for part in (self.supervisor, self.runner):
+            if part is not None:
+                greenlet = spawn(part.run)
+                greenlet.link_exception(lambda _: self.stopping.set())
+                self.greenlets.append(greenlet)
+        self.forwarder.start()
+        if self.state:
+            self.state.write()
+
+    def serve(self, readiness):
+        self.stopping.wait()
         readiness.stopping()
-        if supervisor.dead:
-            log.error("the tunnel supervisor failed: %r", supervisor.exception)
-        tunnel.closing = True
-        drain(server, settings.drain)
-        supervisor.kill()
-        tunnel.close()
-        log.info("stopped after %d session(s)", server.sessions)
-        return 1 if supervisor.exception else 0
-    finally:
-        if state:
-            state.remove()
-        cleanup(pidfile, tunnel_dir)
+        failed = [g for g in self.greenlets if g.dead]
+        for greenlet in failed:
+            log.error("a part of minimail failed: %r", greenlet.exception)
+        try:
+            self.shut_down()
+        finally:
+            self.clean_up()
+        return 1 if failed else 0
 
+    def shut_down(self):
+        self.forwarder.close()
+        self.supervisor.close()              # clients still waiting get 421 at once
+        self.forwarder.drain(self.settings.drain)
+        for greenlet in self.greenlets[1:]:  # the queue runner: its mail stays queued
+            greenlet.kill()
+        self.supervisor.stop_all()
+        self.supervisor.all_gone.wait(timeout=3 * STOP_GRACE + 1)
+        self.greenlets[0].kill()
+        log.info("stopped after %d session(s)", self.forwarder.served)
 
-def cleanup(pidfile, tunnel_dir):
-    """Remove what the daemon made: its pid file and the tunnel's directory."""
-    if pidfile:
-        remove_file(pidfile)
-    if tunnel_dir:
-        shutil.rmtree(tunnel_dir, ignore_errors=True)
+    def clean_up(self):
+        """Remove what the daemon made: its state and pid files, the tunnel's directory."""
+        if self.state:
+            self.state.remove()
+        if self.pidfile:
+            self.pidfile.release()
+        if self.tunnel_dir:
+            shutil.rmtree(self.tunnel_dir, ignore_errors=True)
 
+    def on_signal(self):
+        """First SIGTERM/SIGINT: stop gracefully.  Second: cut all sessions now."""
+        self.signals += 1
+        if self.signals == 1:
+            log.info("signal received: stopping")
+            self.stopping.set()
+        else:
+            log.warning("second signal: closing %d session(s) now", len(self.forwarder.sessions))
+            self.forwarder.cut_all("cut: a second signal stopped minimail")
 
-def describe_daemon(server, settings):
-    """The daemon's figures for the state file."""
-    return {
-        "pid": os.getpid(),
-        "started": server.started_at,
-        "listening": describe_socket(server.socket),
-        "tunnel_to": describe_tunnel(settings),
-        "clients_active": server.tunnel.active,
-        "sessions": server.sessions,
-        "bytes_from_clients": server.bytes_from_clients,
-        "bytes_to_clients": server.bytes_to_clients,
-        "tunnel": server.tunnel.describe(),
-        "updated": time.time(),
-    }
+    @staticmethod
+    def no_queue():
+        log.info("SIGUSR1: there is no queue to flush (--no-queue)")
 
-
-def on_signal(server, stopping):
-    """First SIGTERM/SIGINT: stop gracefully.  Second: close all sessions now."""
-    if stopping.is_set():
-        log.warning("second signal: closing %d session(s) now", len(server.pool))
-        server.pool.kill(block=False)
-    else:
-        log.info("signal received: stopping")
-        stopping.set()
-
-
-def drain(server, seconds):
-    """Stop accepting; give active sessions up to `seconds` to end, then close them."""
-    server.close()
-    if len(server.pool):
-        log.info("waiting up to %g s for %d active session(s)", seconds, len(server.pool))
-    server.stop(timeout=seconds)
+    def describe(self):
+        """The daemon's figures for the state file."""
+        return {
+            "pid": os.getpid(),
+            "started": self.forwarder.started_at,
+            "listening": describe_socket(self.listener),
+            "tunnel_to": self.settings.describe_tunnel(),
+            "drain": self.settings.drain,
+            **self.forwarder.describe(),
+            "tunnel": self.supervisor.describe(),
+            "queue": self.runner.describe() if self.runner else None,
+            "updated": time.time(),
+        }
 
 
 # ---------------------------------------------------------------------------
-# stop, status
+# stop, status, queue, flush
 # ---------------------------------------------------------------------------
 
 def stop(pidfile):
-    """Stop the daemon and wait until it is gone; the exit status."""
-    pid = running_pid(pidfile)
+    """Stop the daemon and wait until it is gone: its drain, and a margin."""
+    pid = daemon_pid(pidfile)
     if pid is None:
         stale = os.path.exists(pidfile)
         print(f"minimail is not running{' (stale pid file ignored)' if stale else ''}")
         return 1
+    drain = read_state(pidfile).get("drain")
+    drain = min(drain, 3600.0) if drain is not None and drain >= 0 else DEFAULT_DRAIN
     try:
         os.kill(pid, signal.SIGTERM)
     except PermissionError:
         raise Fatal(f"not allowed to stop minimail (pid {pid}): try sudo minimail stop") from None
-    deadline = time.monotonic() + STOP_WAIT
-    while running_pid(pidfile) == pid:
+    limit = drain + STOP_MARGIN
+    deadline = time.monotonic() + limit
+    while is_minimail(pid):
         if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            print(f"minimail (pid {pid}) did not stop within {STOP_WAIT:g} s: killed")
-            remove_file(pidfile)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            print(f"minimail (pid {pid}) did not stop within {limit:g} s (its drain of "
+                  f"{drain:g} s and {STOP_MARGIN:g} s more): killed")
             return 1
         time.sleep(0.05)
     print(f"minimail stopped (pid {pid})")
@@ -1517,14 +3691,8 @@ def stop(pidfile):
 
 def status(pidfile, as_json):
     """Say whether the daemon runs and what it is doing: exit 0 if it runs, 3 if not."""
-    pid = running_pid(pidfile)
-    state = {}
-    if pid:
-        try:
-            with open(state_path(pidfile)) as f:
-                state = json.load(f)
-        except (OSError, ValueError):
-            pass
+    pid = daemon_pid(pidfile)
+    state = read_state(pidfile) if pid else {}
     if as_json:
         print(json.dumps({"running": bool(pid), "pid": pid, **state}, indent=1))
     elif pid is None:
@@ -1538,23 +3706,37 @@ def describe_status(pid, state):
     """The lines `minimail status` prints for a running daemon."""
     now = time.time()
     lines = [f"minimail is running (pid {pid})"]
-    if not state:
-        return lines + ["(no state file: is it an older minimail, or started with --foreground?)"]
+    if not state.get("started"):
+        return lines + ["(no state to show: started with --foreground and no --pidfile, or "
+                        "the state file is not readable for you: try sudo)"]
     lines[0] += f", up {format_duration(now - state['started'])}, listening on {state['listening']}"
-    tunnel = state["tunnel"]
-    line = f"tunnel: {tunnel['state']}"
-    if tunnel["pid"]:
-        line += f" (pid {tunnel['pid']}, for {format_duration(now - tunnel['since'])})"
-    if tunnel["stops_at"]:
+    tunnel = state["tunnel"] or {}
+    line = f"tunnel: {tunnel.get('state')}"
+    if tunnel.get("pid") and tunnel.get("since"):
+        line += f" (pid {tunnel['pid']:.0f}, for {format_duration(now - tunnel['since'])})"
+    if tunnel.get("stops_at"):
         line += f", stops in {max(0, tunnel['stops_at'] - now):.0f} s unless a client comes"
-    if tunnel["retry_at"]:
+    if tunnel.get("retry_at"):
         line += f", next try in {max(0, tunnel['retry_at'] - now):.0f} s"
     lines.append(f"{line}; {state['tunnel_to']}")
-    lines.append(f"clients: {state['clients_active']} active, {state['sessions']} session(s) served; "
-                 f"{state['bytes_from_clients']} bytes from clients, "
-                 f"{state['bytes_to_clients']} to clients")
-    lines.append(f"last tunnel error: {tunnel['last_error'] or 'none'}")
+    lines.append(f"clients: {state['clients_active'] or 0:.0f} active, "
+                 f"{state['sessions'] or 0:.0f} session(s) served; "
+                 f"{state['bytes_from_clients'] or 0:.0f} bytes from clients, "
+                 f"{state['bytes_to_clients'] or 0:.0f} to clients")
+    lines.append(f"last tunnel error: {tunnel.get('last_error') or 'none'}")
+    lines.append(describe_queue_state(state.get("queue"), now))
     return lines
+
+
+def describe_queue_state(queue, now):
+    if not queue:
+        return "queue: off (--no-queue)"
+    line = f"queue: {queue['count'] or 0:.0f} message(s) waiting"
+    if queue.get("oldest"):
+        line += f", the oldest for {format_duration(now - queue['oldest'])}"
+    if queue.get("next_try"):
+        line += f", next try in {format_duration(queue['next_try'] - now)}"
+    return f"{line}; {queue['failed'] or 0:.0f} failed; in {queue['dir']}"
 
 
 def format_duration(seconds):
@@ -1567,32 +3749,83 @@ def format_duration(seconds):
     return f"{seconds} s"
 
 
+def queue_directory(explicit, settings_file, pidfile):
+    """The queue to list: --queue, the settings file's, the running daemon's, the default."""
+    if explicit or settings_file.option("--queue"):
+        return os.path.abspath(explicit or settings_file.option("--queue"))
+    running = daemon_pid(pidfile) and (read_state(pidfile).get("queue") or {}).get("dir")
+    return running or default_paths().queue
+
+
+def show_queue(directory, as_json):
+    """List the queued and the failed mail; exit 0, or 1 if it cannot be read."""
+    spool = Spool(directory)
+    try:
+        queued, failed = spool.load("queued"), spool.load("failed")
+    except FileNotFoundError:
+        queued = failed = []
+    except PermissionError:
+        raise Fatal(f"cannot read the queue in {directory}: it belongs to "
+                    f"{owner_name(os.stat(directory).st_uid)} (try sudo)") from None
+    if as_json:
+        entries = [{**describe_envelope(e), "state": "queued"} for e in queued] + \
+                  [{**describe_envelope(e), "state": "failed"} for e in failed]
+        print(json.dumps({"dir": directory, "messages": entries}, indent=1))
+        return 0
+    now = time.time()
+    print(f"queue in {directory}: {len(queued)} message(s) waiting, {len(failed)} failed")
+    for envelope in queued:
+        print(queue_line(envelope, now))
+        print(f"    {envelope.attempts} attempt(s); next try in "
+              f"{format_duration(envelope.next_try - now)}; last reply: "
+              f"{printable(envelope.last_reply or 'none', 200)}")
+    for envelope in failed:
+        print(queue_line(envelope, now) + "  FAILED")
+        for recipient, reply in envelope.failures:
+            print(f"    <{printable(recipient, 100)}>: {printable(reply, 200)}")
+    return 0
+
+
+def describe_envelope(envelope):
+    return {"id": envelope.id, "age": time.time() - envelope.arrived, "size": envelope.size,
+            "sender": envelope.sender, "recipients": envelope.recipients,
+            "attempts": envelope.attempts, "next_try": envelope.next_try,
+            "last_reply": envelope.last_reply,
+            "failures": [{"recipient": r, "reply": reply} for r, reply in envelope.failures]}
+
+
+def queue_line(envelope, now):
+    recipients = envelope.recipients or [f[0] for f in envelope.failures]
+    shown = ", ".join(f"<{printable(r, 100)}>" for r in recipients[:3])
+    more = f" and {len(recipients) - 3} more" if len(recipients) > 3 else ""
+    return (f"{envelope.id}  {format_duration(now - envelope.arrived)} old  {envelope.size} bytes  "
+            f"from <{printable(envelope.sender, 100)}>  to {len(recipients)}: {shown}{more}")
+
+
+def flush(pidfile):
+    """Ask the running daemon to deliver its queue now (SIGUSR1)."""
+    pid = daemon_pid(pidfile)
+    if pid is None:
+        print("minimail is not running: nothing would deliver the queue (minimail start)",
+              file=sys.stderr)
+        return 1
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except PermissionError:
+        raise Fatal(f"not allowed to signal minimail (pid {pid}): try sudo minimail flush") from None
+    queue = read_state(pidfile).get("queue")
+    if queue is None:
+        print(f"minimail (pid {pid}) keeps no queue (--no-queue): nothing to flush")
+        return 0
+    print(f"asked minimail (pid {pid}) to deliver the queue now: "
+          f"{queue['count'] or 0:.0f} message(s) waiting")
+    return 0
+
+
 # ---------------------------------------------------------------------------
 # check
 # ---------------------------------------------------------------------------
 
-#: How to read ssh's complaints: (pattern, the step that failed, the likely fix).
-SSH_TROUBLES = (
-    (r"Could not resolve hostname", "reach",
-     "check the host name in DESTINATION (or HostName in your ssh config)"),
-    (r"REMOTE HOST IDENTIFICATION HAS CHANGED", "host key",
-     "the hoster's host key changed: if that is expected, remove the old one with "
-     "ssh-keygen -R HOST, then accept the new one once"),
-    (r"Host key verification failed|host key is known|No \S+ host key", "host key",
-     "the hoster's host key is not known: accept it once with `ssh DESTINATION true` as the "
-     "user minimail runs as, or ssh-keyscan -p PORT HOST >> ~/.ssh/known_hosts (compare the "
-     "fingerprint with your hoster's)"),
-    (r"Permission denied|Too many authentication failures", "log in",
-     "the hoster did not accept the key: install it with ssh-copy-id -i KEY.pub DESTINATION and "
-     "point IdentityFile (or --ssh \"ssh -i KEY\") at it; a key with a passphrase needs an agent"),
-    (r"forwarding|cannot listen|bind", "forward",
-     "ssh could not open the forward: check that the hoster allows port forwarding "
-     "(AllowTcpForwarding, permitopen= in authorized_keys)"),
-    (r"Connection refused|timed out|No route to host|unreachable|Connection closed|"
-     r"Connection reset|kex_exchange_identification", "reach",
-     "check that the host is reachable and that the port is right (Port in your ssh config, "
-     "or --ssh \"ssh -p PORT\")"),
-)
 #: The steps `check` reports, in order: (key, what passing means, what failing means).
 CHECK_STEPS = (
     ("reach", "ssh reached the hoster", "ssh did not reach the hoster"),
@@ -1609,63 +3842,81 @@ def check_step(ok, text, fix=None):
     return ok
 
 
-def check(settings):
+def check(settings, settings_file):
     """Try the tunnel once, as the daemon would, and say in plain words what works."""
+    from gevent import spawn
     print(f"minimail check: ssh {settings.destination}, then {settings.remote} from there")
     program = shutil.which(settings.ssh[0])
     if not program:
-        check_step(False, f"ssh found: {settings.ssh[0]} is not on PATH",
+        check_step(False, f"ssh found: {printable(settings.ssh[0], 100)} is not on PATH",
                    "install openssh-client, or point --ssh at ssh")
         return 1
     check_step(True, f"ssh found: {program} ({ssh_version(program)})")
-    tunnel_dir = make_tunnel_dir()
-    tunnel = Tunnel(settings, os.path.join(tunnel_dir, "tunnel.sock"))
-    supervisor = gevent.spawn(tunnel.run)
-    tunnel.acquire()
+    tunnel_dir = make_tunnel_dir(None)
+    supervisor = Supervisor(settings, lambda n: os.path.join(tunnel_dir, f"tunnel-{n}.sock"))
+    running = spawn(supervisor.run)
+    supervisor.arrived()
     try:
-        started = time.monotonic()
-        try:
-            upstream = tunnel.connect(settings.wait)
-        except TunnelUnavailable as exc:
-            return explain_tunnel_failure(tunnel, exc)
-        for _, passed, _ in CHECK_STEPS:
-            check_step(True, passed)
-        print(f"        (the tunnel was up after {time.monotonic() - started:.2f} s)")
-        if not tunnel.session:
-            print("        note: the hoster ends sessions at once; minimail uses ssh -N there")
-        with closing(upstream):
-            greeted = check_greeting(upstream, settings)
-        if not greeted:
-            gevent.sleep(0.1)            # let ssh's complaint about the channel arrive
-            show_ssh_said(tunnel)
+        greeted = try_the_tunnel(supervisor, settings)
     finally:
-        tunnel.release()
-        supervisor.kill()
-        tunnel.close()
+        supervisor.left()
+        supervisor.stop_all()
+        supervisor.all_gone.wait(timeout=3 * STOP_GRACE + 1)
+        running.kill()
         shutil.rmtree(tunnel_dir, ignore_errors=True)
-    closed = tunnel.proc is None
-    check_step(closed, f"tunnel closed (ssh {describe_exit(tunnel.last_exit)})")
+    if greeted is None:
+        return 1
+    closed = supervisor.all_gone.is_set()
+    check_step(closed, f"tunnel closed (ssh {describe_exit(supervisor.last_exit)})")
+    show_sendmail_settings(settings_file)
     if greeted and closed:
         print(f"all good: minimail can send mail through {settings.destination}")
         return 0
     return 1
 
 
+def try_the_tunnel(supervisor, settings):
+    """Connect through the tunnel and read the greeting: True if it is SMTP's,
+    False if not, None if the tunnel did not come up."""
+    from gevent import sleep
+    started = time.monotonic()
+    try:
+        upstream, child = supervisor.connect(settings.wait)
+    except TunnelUnavailable as exc:
+        explain_tunnel_failure(supervisor.last_child, exc)
+        return None
+    for _, passed, _ in CHECK_STEPS:
+        check_step(True, passed)
+    print(f"        (the tunnel was up after {time.monotonic() - started:.2f} s)")
+    if not supervisor.session:
+        print("        note: the hoster ends sessions at once; minimail uses ssh -N there")
+    try:
+        greeted = check_greeting(upstream, settings)
+    finally:
+        upstream.close()
+    if not greeted:
+        sleep(0.1)                   # let ssh's complaint about the channel arrive
+        show_ssh_said(child)
+    return greeted
+
+
 def ssh_version(program):
     """What `ssh -V` says of itself."""
+    import subprocess
     try:
         result = subprocess.run([program, "-V"], capture_output=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return "version unknown"
-    return (result.stderr or result.stdout).decode(errors="replace").strip()
+    return printable(result.stderr or result.stdout, 200)
 
 
-def explain_tunnel_failure(tunnel, exc):
-    """Report which step failed, from ssh's own words; the exit status (1)."""
-    said = "\n".join(tunnel.stderr_tail)
+def explain_tunnel_failure(child, exc):
+    """Report which step failed, from ssh's own words."""
+    said = list(child.said) if child else []
     failed_step, fix = "reach", "run ssh DESTINATION by hand to see what it wants"
+    telling = most_telling(said) or ""
     for pattern, step, advice in SSH_TROUBLES:
-        if re.search(pattern, said):
+        if re.search(pattern, telling):
             failed_step, fix = step, advice
             break
     for step, passed, failed in CHECK_STEPS:
@@ -1673,27 +3924,27 @@ def explain_tunnel_failure(tunnel, exc):
             check_step(False, failed if said else f"{failed}: {exc}", fix)
             break
         check_step(True, passed)
-    show_ssh_said(tunnel)
-    return 1
+    show_ssh_said(child)
 
 
-def show_ssh_said(tunnel):
-    for line in tunnel.stderr_tail:
+def show_ssh_said(child):
+    for line in (child.said if child else ()):
         print(f"        ssh said: {line}")
 
 
 def check_greeting(upstream, settings):
     """Read the far side's first line: an SMTP server says 220."""
+    from gevent import Timeout
     line = b""
-    with gevent.Timeout(GREETING_WAIT, False):
+    with Timeout(CHECK_GREETING_WAIT, False):
         while not line.endswith(b"\n") and len(line) < 512:
             chunk = upstream.recv(512)
             if not chunk:
                 break
             line += chunk
-    text = line.decode("ascii", "replace").strip()
+    text = printable(line, 200)
     if text.startswith("220"):
-        check_step(True, f"the far side answered: {text[:200]}")
+        check_step(True, f"the far side answered: {text}")
         try:
             upstream.sendall(b"QUIT\r\n")
         except OSError:
@@ -1707,27 +3958,377 @@ def check_greeting(upstream, settings):
                       f"check --remote: {settings.remote} is not an SMTP server")
 
 
+def show_sendmail_settings(settings_file):
+    """What `minimail sendmail` (and a sendmail symlink) would use."""
+    where = settings_file.path or "no settings file (see Settings in --help)"
+    try:
+        family, ip, port = settings_file.listen()
+        submits = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
+    except UsageError as exc:
+        submits = f"nowhere: {exc}"
+    print(f"sendmail settings: {where}")
+    print(f"        submits to minimail at {submits}")
+    print(f"        sender: {settings_file.sender or default_sender() + ' (MINIMAIL_SENDER not set)'}")
+    print(f"        admin (for mail to root and other local names): "
+          f"{settings_file.admin or 'not set: such mail is refused until MINIMAIL_ADMIN is set'}")
+
+
+# ---------------------------------------------------------------------------
+# The sendmail command: stdlib only, so that cron's mail starts fast
+# ---------------------------------------------------------------------------
+
+#: sysexits.h
+EX_OK, EX_USAGE, EX_DATAERR, EX_NOUSER, EX_UNAVAILABLE = 0, 64, 65, 67, 69
+EX_SOFTWARE, EX_TEMPFAIL, EX_CONFIG = 70, 75, 78
+#: sendmail(8)'s flags: without a value; with one (attached, or the next word).
+SENDMAIL_PLAIN_FLAGS = "tivmnGU"
+SENDMAIL_VALUE_FLAGS = "frFBboCLNRVXhOAp"
+#: How long the sendmail command waits for minimail (it may hold the client
+#: while the tunnel starts, up to --wait, before the queue takes the mail).
+SUBMIT_TIMEOUT = 300.0
+
+
+class SendmailExit(Exception):
+    """The sendmail command ends: one line on stderr, a sysexits.h status."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+SendmailFlags = collections.namedtuple(
+    "SendmailFlags", "recipients_from_header dot_ends sender full_name body mode verbose")
+
+
+def parse_sendmail_flags(argv):
+    """sendmail's command line, read as its getopt does: (flags, recipients)."""
+    flags = dict(recipients_from_header=False, dot_ends=True, sender=None, full_name=None,
+                 body=None, mode="m", verbose=False)
+    words, recipients = list(argv), []
+    while words:
+        word = words.pop(0)
+        if word == "--":
+            recipients += words
+            break
+        if not word.startswith("-") or word == "-":
+            recipients.append(word)
+            continue
+        letters = word[1:]
+        while letters:
+            flag, letters = letters[0], letters[1:]
+            if flag in SENDMAIL_PLAIN_FLAGS:
+                apply_sendmail_flag(flags, flag, None)
+            elif flag == "q":
+                flags["mode"], letters = "q", ""        # -q takes an optional attached value
+            elif flag in SENDMAIL_VALUE_FLAGS:
+                if not letters and not words:
+                    raise SendmailExit(EX_USAGE, f"-{flag} needs a value")
+                value, letters = letters or words.pop(0), ""
+                apply_sendmail_flag(flags, flag, value)
+            else:
+                raise SendmailExit(EX_USAGE, f"unknown flag -{flag} (see `minimail --help`, "
+                                             f"The sendmail command)")
+    return SendmailFlags(**flags), recipients
+
+
+def apply_sendmail_flag(flags, flag, value):
+    if flag == "t":
+        flags["recipients_from_header"] = True
+    elif flag == "i" or (flag == "o" and value == "i"):
+        flags["dot_ends"] = False
+    elif flag == "v":
+        flags["verbose"] = True
+    elif flag in "fr":
+        flags["sender"] = "" if value in ("<>", "") else value.strip("<>")
+    elif flag == "F":
+        flags["full_name"] = value
+    elif flag == "B":
+        if value.upper() not in ("8BITMIME", "7BIT"):
+            raise SendmailExit(EX_USAGE, f"-B {value}: the body type is 8BITMIME or 7BIT")
+        flags["body"] = value.upper()
+    elif flag == "b":
+        if value not in ("m", "p", "s", "i"):
+            raise SendmailExit(EX_USAGE, f"-b{value} is not supported here (minimail's daemon "
+                                         f"runs as `minimail start`)")
+        flags["mode"] = value
+    # the rest (-o..., -C, -L, -N, -R, -V, -X, -h, -O, -A, -p, -m, -n, -G, -U) mean nothing here
+
+
+def sendmail_main(argv):
+    """`minimail sendmail`, or minimail run as `sendmail`: the exit status."""
+    try:
+        flags, recipients = parse_sendmail_flags(argv)
+        try:
+            settings_file = SettingsFile.find()
+        except UsageError as exc:
+            raise SendmailExit(EX_CONFIG, str(exc)) from None
+        if flags.mode == "p":
+            return show_queue(queue_directory(None, settings_file, sendmail_pidfile(settings_file)),
+                              as_json=False)
+        if flags.mode == "q":
+            return flush(sendmail_pidfile(settings_file))
+        if flags.mode == "i":
+            return EX_OK                 # newaliases: minimail has no aliases
+        if flags.mode == "s":
+            return smtp_on_stdio(settings_listen(settings_file))
+        return submit_from_stdin(flags, recipients, settings_file)
+    except SendmailExit as exc:
+        print(f"minimail: {exc}", file=sys.stderr)
+        return exc.status
+    except Fatal as exc:
+        print(f"minimail: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    except KeyboardInterrupt:
+        return EX_TEMPFAIL
+    except Exception as exc:         # never a traceback into cron's mail: one line
+        print(f"minimail: internal error: {type(exc).__name__}: {printable(str(exc), 200)}",
+              file=sys.stderr)
+        return EX_SOFTWARE
+
+
+def sendmail_pidfile(settings_file):
+    return os.path.abspath(settings_file.option("--pidfile") or default_paths().pidfile)
+
+
+def settings_listen(settings_file):
+    try:
+        return settings_file.listen()
+    except UsageError as exc:
+        raise SendmailExit(EX_CONFIG, f"{settings_file.path}: {exc}") from None
+
+
+def submit_from_stdin(flags, recipients, settings_file):
+    """Read the message, complete its header as an MTA would, submit it."""
+    hostname = smtp_hostname()
+    text = read_message(sys.stdin.buffer, flags.dot_ends)
+    header, body = split_header(text)
+    if flags.recipients_from_header:
+        found, header = header_recipients(header)
+        if not found and not recipients:
+            raise SendmailExit(EX_DATAERR, "-t: no recipients in To, Cc or Bcc (is the message's "
+                                           "header there?)")
+        recipients = found + recipients
+    if not recipients:
+        raise SendmailExit(EX_USAGE, "no recipients given (name them, or use -t)")
+    sender = flags.sender if flags.sender is not None else \
+        (settings_file.sender or default_sender(hostname))
+    recipients = deliverable(recipients, settings_file)
+    header = completed_header(header, sender, flags.full_name, hostname)
+    message = b"".join(line + b"\r\n" for line in header) + b"\r\n" + body
+    options = []
+    if flags.body == "7BIT":
+        options.append("BODY=7BIT")
+    elif flags.body == "8BITMIME" or not message.isascii():
+        options.append("BODY=8BITMIME")
+    if not all(a.isascii() for a in (sender, *recipients)):
+        options.append("SMTPUTF8")
+    return submit(settings_listen(settings_file), sender, recipients, message, options,
+                  flags.verbose, hostname)
+
+
+def default_sender(hostname=None):
+    return f"{pwd.getpwuid(os.getuid()).pw_name}@{hostname or smtp_hostname()}"
+
+
+def read_message(stream, dot_ends):
+    """Standard input up to its end (or, unless -i, a line with a lone dot),
+    with its line ends made CRLF."""
+    lines = []
+    for line in stream:
+        line = line.rstrip(b"\n").rstrip(b"\r")
+        if dot_ends and line == b".":
+            break
+        lines.append(line)
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+HEADER_FIELD = re.compile(rb"[!-9;-~]+:")
+
+
+def split_header(text):
+    """(header lines, body): the header is the leading run of header fields and
+    their continuations; a leading mbox "From " line is dropped.  A message with
+    no header at all is all body."""
+    lines = text.split(b"\r\n")
+    if lines and lines[0].startswith(b"From "):
+        lines.pop(0)
+    header = []
+    for i, line in enumerate(lines):
+        if HEADER_FIELD.match(line) or (header and line[:1] in (b" ", b"\t")):
+            header.append(line)
+            continue
+        if line == b"":
+            i += 1                    # the empty line between header and body
+        return header, b"\r\n".join(lines[i:])
+    return header, b""
+
+
+def fields(header):
+    """[(lower-case name, value unfolded)] of header lines."""
+    found = []
+    for line in header:
+        if line[:1] in (b" ", b"\t") and found:
+            found[-1][1] += b" " + line.strip()
+        else:
+            name, _, value = line.partition(b":")
+            found.append([name.strip().lower(), value.strip()])
+    return [(n.decode("ascii", "replace"), v.decode("utf-8", "replace")) for n, v in found]
+
+
+def header_recipients(header):
+    """-t: the addresses in To, Cc and Bcc (Resent-To, -Cc, -Bcc if there are
+    any Resent- fields), and the header without its Bcc fields."""
+    from email.utils import getaddresses
+    names = {name for name, _ in fields(header)}
+    prefix = "resent-" if any(n.startswith("resent-") for n in names) else ""
+    wanted = {prefix + kind for kind in ("to", "cc", "bcc")}
+    values = [value for name, value in fields(header) if name in wanted]
+    found = [address for _, address in getaddresses(values) if address]
+    kept, dropping = [], False
+    for line in header:
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                kept.append(line)
+            continue
+        dropping = line.partition(b":")[0].strip().lower() in (b"bcc", b"resent-bcc")
+        if not dropping:
+            kept.append(line)
+    return found, kept
+
+
+def deliverable(recipients, settings_file):
+    """Recipients as the hoster must see them: a local name (cron mails root)
+    goes to the admin address.  Each once, in order."""
+    result = []
+    for recipient in recipients:
+        if "@" not in recipient:
+            if not settings_file.admin:
+                where = settings_file.path or os.path.expanduser("~/.config/minimail/minimail.conf")
+                raise SendmailExit(EX_NOUSER, f"{recipient!r} is a local name, and no admin address "
+                                              f"is set to send it to: set MINIMAIL_ADMIN=you@example.org "
+                                              f"in {where}")
+            recipient = settings_file.admin
+        if recipient not in result:
+            result.append(recipient)
+    return result
+
+
+def completed_header(header, sender, full_name, hostname):
+    """The header with Date, Message-ID and From added where missing; nothing
+    else is rewritten."""
+    from email.utils import formataddr, formatdate, make_msgid
+    names = {name for name, _ in fields(header)}
+    added = []
+    if "date" not in names:
+        added.append(f"Date: {formatdate(localtime=True)}")
+    if "message-id" not in names:
+        added.append(f"Message-ID: {make_msgid(domain=hostname)}")
+    if "from" not in names:
+        address = sender or f"MAILER-DAEMON@{hostname}"
+        added.append(f"From: {formataddr((full_name, address)) if full_name else address}")
+    return header + [line.encode("utf-8") for line in added]
+
+
+def submit(listen, sender, recipients, message, options, verbose, hostname):
+    """Hand the message to the local minimail: the exit status, by sysexits.h."""
+    import smtplib
+    family, ip, port = listen
+    where = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
+    smtp = smtplib.SMTP(local_hostname=hostname, timeout=SUBMIT_TIMEOUT)
+    smtp.set_debuglevel(1 if verbose else 0)
+    try:
+        smtp.connect(ip, port)
+        refused = smtp.sendmail(sender, recipients, message, mail_options=options)
+    except smtplib.SMTPRecipientsRefused as exc:
+        code, reply = next(iter(exc.recipients.values()))
+        status = EX_NOUSER if all(c >= 500 for c, _ in exc.recipients.values()) else EX_TEMPFAIL
+        raise SendmailExit(status, f"every recipient was refused: {code} "
+                                   f"{printable(reply, 300)}") from None
+    except smtplib.SMTPResponseException as exc:
+        status = EX_UNAVAILABLE if exc.smtp_code >= 500 else EX_TEMPFAIL
+        raise SendmailExit(status, f"minimail at {where} answered {exc.smtp_code} "
+                                   f"{printable(exc.smtp_error, 300)}") from None
+    except smtplib.SMTPNotSupportedError as exc:
+        raise SendmailExit(EX_UNAVAILABLE, f"minimail at {where}: {exc}") from None
+    except (smtplib.SMTPException, OSError) as exc:
+        raise SendmailExit(EX_TEMPFAIL, f"cannot reach minimail at {where}: {smtp_error(exc)} "
+                                        f"(is it running? minimail status)") from None
+    finally:
+        try:
+            smtp.quit()
+        except (smtplib.SMTPException, OSError):
+            smtp.close()
+    for recipient, (code, reply) in refused.items():
+        print(f"minimail: <{printable(recipient, 100)}> was refused: {code} "
+              f"{printable(reply, 300)}", file=sys.stderr)
+    return EX_OK
+
+
+def smtp_on_stdio(listen):
+    """-bs: an SMTP session on standard input and output, spliced to minimail."""
+    family, ip, port = listen
+    try:
+        sock = socket.create_connection((ip, port), timeout=SUBMIT_TIMEOUT)
+    except OSError as exc:
+        raise SendmailExit(EX_TEMPFAIL, f"cannot reach minimail at {ip}:{port}: "
+                                        f"{describe_error(exc)} (is it running?)") from None
+    sock.settimeout(None)
+    stdin, stdout = sys.stdin.buffer.fileno(), sys.stdout.buffer.fileno()
+    poller = select.poll()
+    poller.register(stdin, select.POLLIN)
+    poller.register(sock, select.POLLIN)
+    with sock:
+        while True:
+            for fd, _ in poller.poll():
+                if fd == stdin:
+                    data = os.read(stdin, 65536)
+                    if not data:
+                        poller.unregister(stdin)
+                        sock.shutdown(socket.SHUT_WR)
+                    else:
+                        sock.sendall(data)
+                else:
+                    data = sock.recv(65536)
+                    if not data:
+                        return EX_OK
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(stdout, view):]
+
+
 # ---------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------
 
 def docopt_usage():
     """The usage lines of the docstring."""
-    return __doc__[__doc__.index("Usage:"):__doc__.index("Options:")].rstrip()
+    return __doc__[__doc__.index("Usage:"):__doc__.index("Commands:")].rstrip()
 
 
 def main(argv=None):
     """Run minimail; return its exit status."""
-    argv = sys.argv[1:] if argv is None else argv
+    name = os.path.basename(sys.argv[0]) if argv is None else "minimail"
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if name == "sendmail":
+        return sendmail_main(argv)
+    if name == "mailq":
+        return sendmail_main(["-bp"])
+    if argv[:1] == ["sendmail"]:
+        return sendmail_main(argv[1:])
+    from docopt import DocoptExit, docopt
     try:
+        argv, settings_file = with_settings_file(argv)
         args = docopt(__doc__, argv, version=f"minimail {__version__}")
+    except UsageError as exc:
+        print(f"minimail: {exc}", docopt_usage(), "Try 'minimail --help'.", sep="\n", file=sys.stderr)
+        return 2
     except DocoptExit as exc:
         complaint = str(exc).partition("\n")[0]
         print(f"minimail: {explain_usage_error(argv, complaint)}", file=sys.stderr)
         print(docopt_usage(), "Try 'minimail --help'.", sep="\n", file=sys.stderr)
         return 2
     try:
-        return dispatch(args)
+        return dispatch(args, settings_file)
     except UsageError as exc:
         print(f"minimail: {exc}\nTry 'minimail --help'.", file=sys.stderr)
         return 2
@@ -1736,26 +4337,43 @@ def main(argv=None):
         return 1
 
 
-def dispatch(args):
+def with_settings_file(argv):
+    """(argv with the settings file's options where they apply, the settings file)."""
+    options, positional = split_argv(argv)
+    explicit = [value for name, value in options if name == "--config"]
+    settings_file = SettingsFile.find(explicit[-1] if explicit else None)
+    command = next((word for word in positional if word in COMMANDS), "start")
+    if command in ("start", "restart", "check"):
+        argv = merge_settings_file(argv, settings_file)
+    return argv, settings_file
+
+
+def dispatch(args, settings_file):
     """Run the command that args name."""
-    pidfile = args["--pidfile"] or default_paths()[0]
+    pidfile = os.path.abspath(args["--pidfile"] or settings_file.option("--pidfile")
+                              or default_paths().pidfile)
     if args["stop"]:
         return stop(pidfile)
     if args["status"]:
         return status(pidfile, args["--json"])
+    if args["flush"]:
+        return flush(pidfile)
+    if args["queue"]:
+        log_to_stderr(args["--verbose"])
+        return show_queue(queue_directory(args["--queue"], settings_file, pidfile), args["--json"])
     settings = Settings(args)
-    if args["check"] and not settings.destination:
-        raise UsageError("check tries ssh: it needs DESTINATION, not --tunnel-command")
     if args["check"]:
+        if not settings.destination:
+            raise UsageError("check tries ssh: it needs DESTINATION, not --tunnel-command")
         logging.disable(logging.NOTSET if settings.verbose else logging.CRITICAL)
         log_to_stderr(settings.verbose)
         user = target_user(settings)
         if user is not None:              # ssh runs as the daemon's would: that user's keys
             preload()
             drop_privileges(user)
-        return check(settings)
-    if args["restart"] and running_pid(pidfile):
-        stop(pidfile)
+        return check(settings, settings_file)
+    if args["restart"] and daemon_pid(settings.pidfile or pidfile):
+        stop(settings.pidfile or pidfile)
     return start(settings, foreground=args["--foreground"])
 
 

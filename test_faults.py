@@ -1,11 +1,11 @@
 """minimail under faults: what the network, ssh and clients throw at it.
 
 Like test_minimail.py, these run the real program against a real sshd, a real
-SMTP server and real clients, on loopback, each bounded in time.  Faults are
-injected from outside, as they happen in life: ssh killed or hung, a hoster
-that rejects the key, a tunnel command that dies at once, clients that idle,
-crowd in or leave early, SIGTERM in the middle of sessions, and a soak of
-thousands of sessions after which nothing may be left behind.
+SMTP server and real clients (all from conftest.py), on loopback, each bounded
+in time.  Faults are injected from outside, as they happen in life: ssh killed
+or hung, a hoster that rejects the key, a tunnel command that dies at once,
+clients that idle, crowd in or leave early, SIGTERM in the middle of sessions,
+and a soak of thousands of sessions after which nothing may be left behind.
 """
 
 import hashlib
@@ -17,7 +17,6 @@ import signal
 import smtplib
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -27,12 +26,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-# The real parts and helpers are the ones test_minimail.py defines; importing the
-# fixtures by name makes pytest offer them here too.
-from test_minimail import (  # noqa: F401  (fixtures are used by name)
-    AS_ROOT, MINIMAIL, TUNNEL_DOUBLE, Hoster, Minimail, Sshd, child_processes, free_port,
-    hoster, make_message, minimail_command, minimail_process, need, read_until_eof,
-    run_dir, send_mail, tunnel_double, wait_until)
+from conftest import (
+    Minimail, Sshd, descendants, free_port, make_message, minimail_command, minimail_via,
+    read_until_eof, send_mail, ssh_config_with_key, start_daemon, wait_until)
 
 
 @pytest.fixture(scope="module")
@@ -45,20 +41,8 @@ def own_sshd(tmp_path_factory):
 
 @pytest.fixture
 def via_ssh(own_sshd, hoster, minimail_process):
-    def start(*args, linger=30):
-        return minimail_process("--ssh", own_sshd.ssh, "--remote", f"127.0.0.1:{hoster.port}",
-                                "--linger", linger, "--jitter", 0, *args, "hoster")
-    return start
-
-
-def descendants(pid):
-    """All processes below pid."""
-    found, todo = [], [pid]
-    while todo:
-        children = [child for child, _, _ in child_processes(todo.pop())]
-        found += children
-        todo += children
-    return found
+    """Start minimail in front of this module's sshd, tunnelling to the hoster."""
+    return minimail_via(own_sshd, hoster, minimail_process, linger=30)
 
 
 def send_signal(pid, signum):
@@ -180,15 +164,9 @@ def test_a_stopped_ssh_costs_clients_only_the_idle_timeout_and_is_killed(via_ssh
     assert hoster.bodies() == [make_message("after-the-stop")]
 
 
-def test_a_rejected_key_gets_421_at_once_and_is_not_hammered(own_sshd, hoster, minimail_process,
-                                                              tmp_path):
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "stranger")],
-                   check=True, timeout=30)
-    config = tmp_path / "ssh_config"
-    config.write_text(own_sshd.config.read_text().replace(f"{own_sshd.root}/client_key",
-                                                         f"{tmp_path}/stranger"))
-    mm = minimail_process("--ssh", f"ssh -F {config}", "--remote", f"127.0.0.1:{hoster.port}",
-                          "--wait", 20, "hoster")
+def test_a_rejected_key_gets_421_at_once_and_is_not_hammered(via_ssh, own_sshd, hoster, tmp_path):
+    config, _ = ssh_config_with_key(own_sshd, tmp_path, "stranger")
+    mm = via_ssh("--no-queue", "--wait", 20, ssh=f"ssh -F {config}")
     replies, slowest, until = 0, 0.0, time.monotonic() + 6
     while time.monotonic() < until and replies < 300:   # a client every 20 ms for 6 s
         asked = time.monotonic()
@@ -205,16 +183,6 @@ def test_a_rejected_key_gets_421_at_once_and_is_not_hammered(own_sshd, hoster, m
     assert hoster.messages == []
 
 
-def start_daemon(run_dir, *args):
-    """minimail as a daemon, whose log file has timestamps."""
-    port = free_port()
-    result = minimail_command("start", *AS_ROOT, "--listen", f"127.0.0.1:{port}",
-                              "--pidfile", run_dir / "minimail.pid",
-                              "--logfile", run_dir / "minimail.log", *args)
-    assert result.returncode == 0, result.stderr
-    return port
-
-
 def logged_times(logfile, pattern):
     """The timestamps of the log lines that match pattern."""
     times = []
@@ -225,14 +193,13 @@ def logged_times(logfile, pattern):
 
 
 def test_a_tunnel_that_dies_at_once_backs_off_1_2_4_seconds_and_resets_after_success(
-        run_dir, tmp_path):
-    flag, double = tmp_path / "works", tmp_path / "tunnel_double.py"
-    double.write_text(TUNNEL_DOUBLE)
+        run_dir, tmp_path, double_script):
+    flag = tmp_path / "works"
     tunnel_port = free_port()
-    command = (f"sh -c 'test -e {flag} && exec {sys.executable} {double} echo 0 {tunnel_port}; "
+    command = (f"sh -c 'test -e {flag} && exec {sys.executable} {double_script} echo 0 {tunnel_port}; "
                f"echo no tunnel today >&2; exit 3'")
-    port = start_daemon(run_dir, "--tunnel-port", tunnel_port, "--tunnel-command", command,
-                        "--linger", 0.5, "--jitter", 0)
+    port = start_daemon(run_dir, "--no-queue", "--tunnel-port", tunnel_port,
+                        "--tunnel-command", command, "--linger", 0.5, "--jitter", 0)
     until = time.monotonic() + 8.5
     while time.monotonic() < until:                      # clients keep coming for 8.5 s
         with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
@@ -478,7 +445,7 @@ def test_soak_2000_sessions_in_a_row_and_300_at_once_leave_nothing_behind(via_ss
 #:   "send N TOKEN"    -- send N pseudo-random bytes and half-close, then read to
 #:                        EOF and write "<length> <sha256>" of it to TOKEN.out
 FAR_SIDE = r'''
-import hashlib, random, socket, sys, threading
+import hashlib, os, random, socket, sys, threading
 
 def serve(conn, out_dir):
     reader = conn.makefile("rb")
@@ -501,8 +468,9 @@ def serve(conn, out_dir):
                 break
             digest.update(data)
             length += len(data)
-        with open(f"{out_dir}/{token}.out", "w") as out:
+        with open(f"{out_dir}/{token}.tmp", "w") as out:     # whole, or not there
             out.write(f"{length} {digest.hexdigest()}")
+        os.rename(f"{out_dir}/{token}.tmp", f"{out_dir}/{token}.out")
     conn.close()
 
 listener = socket.create_server(("127.0.0.1", int(sys.argv[1])))

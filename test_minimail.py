@@ -6,6 +6,7 @@ host and client keys in a temp dir) and a real SMTP server standing in for the
 hoster (aiosmtpd), then talks to it with real SMTP clients (smtplib, swaks)
 and looks at what the user would see: the mail that arrived, the replies, the
 log, the processes.  All traffic stays on loopback; every wait is bounded.
+The real parts and the helpers that act like a client are in conftest.py.
 """
 
 import hashlib
@@ -20,272 +21,17 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from aiosmtpd.controller import Controller
+from docopt import docopt
 
 import minimail
-
-HERE = Path(__file__).resolve().parent
-MINIMAIL = HERE / "minimail.py"
-SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
-SWAKS = shutil.which("swaks")
-IN_CI = bool(os.environ.get("CI"))
-#: As root, minimail runs its tunnel as root only when told so.
-AS_ROOT = ["--user", "root"] if os.geteuid() == 0 else []
-
-
-def need(tool, path):
-    """Skip when a tool is missing, except in CI, where that is a failure."""
-    if path and os.access(path, os.X_OK):
-        return
-    if IN_CI:
-        pytest.fail(f"{tool} is missing, and CI must run the tests that need it")
-    pytest.skip(f"{tool} is not installed")
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate, timeout, what):
-    """Poll predicate until it returns something true; fail after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
-def child_processes(pid):
-    """[(pid, command name, state)] of the direct children of pid, zombies included."""
-    children = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat_line = (entry / "stat").read_text()
-        except OSError:
-            continue
-        name = stat_line[stat_line.index("(") + 1:stat_line.rindex(")")]
-        state, ppid = stat_line[stat_line.rindex(")") + 2:].split()[:2]
-        if int(ppid) == pid:
-            children.append((int(entry.name), name, state))
-    return children
-
-
-# ---------------------------------------------------------------------------
-# The real parts: sshd, the hoster's SMTP server, minimail itself
-# ---------------------------------------------------------------------------
-
-class Sshd:
-    """A real OpenSSH sshd on 127.0.0.1 that lets the current user in by key."""
-
-    def __init__(self, root):
-        need("sshd (openssh-server)", SSHD)
-        self.root = root
-        self.port = free_port()
-        run = lambda *argv: subprocess.run(argv, check=True, capture_output=True, timeout=30)
-        run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "host_key"))
-        run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "client_key"))
-        shutil.copy(root / "client_key.pub", root / "authorized_keys")
-        host_key = (root / "host_key.pub").read_text().split()[:2]
-        (root / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {' '.join(host_key)}\n")
-        (root / "sshd_config").write_text(f"""\
-Port {self.port}
-ListenAddress 127.0.0.1
-HostKey {root}/host_key
-PidFile {root}/sshd.pid
-AuthorizedKeysFile {root}/authorized_keys
-StrictModes no
-UsePAM no
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
-AllowTcpForwarding yes
-LogLevel VERBOSE
-""")
-        self.config = root / "ssh_config"
-        self.config.write_text(f"""\
-Host *
-  HostName 127.0.0.1
-  Port {self.port}
-  User {pwd.getpwuid(os.geteuid()).pw_name}
-  IdentityFile {root}/client_key
-  IdentitiesOnly yes
-  UserKnownHostsFile {root}/known_hosts
-  GlobalKnownHostsFile /dev/null
-  StrictHostKeyChecking yes
-  PasswordAuthentication no
-""")
-        if os.geteuid() == 0:
-            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)   # privilege separation
-        self.log = root / "sshd.log"
-        self.proc = subprocess.Popen(
-            [SSHD, "-D", "-e", "-f", str(root / "sshd_config")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
-        wait_until(self.greets, 10, "sshd to listen")
-
-    def greets(self):
-        if self.proc.poll() is not None:
-            pytest.fail(f"sshd exited: {self.log.read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
-                return sock.recv(64).startswith(b"SSH-")
-        except OSError:
-            return False
-
-    @property
-    def ssh(self):
-        """The --ssh value that points ssh at this server."""
-        return f"ssh -F {self.config}"
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-
-
-class HosterController(Controller):
-    """aiosmtpd's server with a listen backlog fit for hundreds of clients at once:
-    asyncio's default of 100 makes the rest wait for SYN retries, seconds each."""
-
-    def _create_server(self):
-        return self.loop.create_server(self._factory_invoker, host=self.hostname,
-                                       port=self.port, backlog=1024)
-
-
-class Hoster:
-    """A real SMTP server (aiosmtpd) standing in for the hoster's; it keeps every message."""
-
-    def __init__(self):
-        self.messages = []
-        self.port = free_port()
-        self.controller = HosterController(self, hostname="127.0.0.1", port=self.port)
-        self.controller.start()
-
-    async def handle_DATA(self, server, session, envelope):
-        self.messages.append(envelope)
-        return "250 2.0.0 stored"
-
-    def bodies(self):
-        return [envelope.content for envelope in self.messages]
-
-
-class Minimail:
-    """`python minimail.py --foreground --listen 127.0.0.1:PORT ARGS...`, its log in a file."""
-
-    def __init__(self, args, log_path):
-        self.port = free_port()
-        self.log_path = log_path
-        self.argv = [sys.executable, str(MINIMAIL), "--foreground",
-                     "--listen", f"127.0.0.1:{self.port}", *AS_ROOT, *args]
-        with open(log_path, "wb") as log_file:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=log_file)
-        self.wait_for_log(r"listening on")
-
-    def log(self):
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for_log(self, pattern, timeout=10):
-        def seen():
-            if self.proc.poll() is not None:
-                pytest.fail(f"minimail exited with {self.proc.returncode}:\n{self.log()}")
-            return re.search(pattern, self.log())
-        return wait_until(seen, timeout, f"{pattern!r} in minimail's log")
-
-    def tunnel_starts(self):
-        return len(re.findall(r"tunnel starting \(pid \d+\)", self.log()))
-
-    def tunnels(self):
-        """The tunnel processes running now (minimail's children)."""
-        return child_processes(self.proc.pid)
-
-    def stop(self, timeout=15):
-        """SIGTERM, as systemd or Ctrl-C would; return the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f"minimail did not stop within {timeout} s:\n{self.log()}")
-
-
-@pytest.fixture(scope="session")
-def sshd(tmp_path_factory):
-    server = Sshd(tmp_path_factory.mktemp("sshd"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def hoster():
-    server = Hoster()
-    yield server
-    server.controller.stop()
-
-
-@pytest.fixture
-def minimail_process(tmp_path):
-    """Start minimail with the given arguments; it is stopped (and must exit 0) after the test."""
-    started = []
-
-    def start(*args):
-        process = Minimail([str(a) for a in args], tmp_path / f"minimail-{len(started)}.log")
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        assert process.stop() == 0, process.log()
-        assert process.tunnels() == [], "a tunnel process outlived minimail"
-
-
-@pytest.fixture
-def through_ssh(sshd, hoster, minimail_process):
-    """Start minimail in front of the test sshd, tunnelling to the hoster."""
-    def start(*args, linger=5, remote=None):
-        return minimail_process("--ssh", sshd.ssh, "--remote", remote or f"127.0.0.1:{hoster.port}",
-                                "--linger", linger, "--jitter", 0, *args, "hoster")
-    return start
-
-
-# ---------------------------------------------------------------------------
-# Helpers that act like a mail client
-# ---------------------------------------------------------------------------
-
-def make_message(marker, size=2000):
-    """A message with CRLF line ends, a line that needs dot-stuffing, and a body
-    full of marker text that must never show up in a log."""
-    body = "".join(f"{marker} line {i}\r\n" for i in range(size // 40 + 1))
-    return (f"From: cron@desktop.example\r\nTo: admin@hoster.example\r\n"
-            f"Subject: {marker} subject\r\n\r\n.a line starting with a dot\r\n{body}").encode()
-
-
-def send_mail(port, message, timeout=30):
-    with smtplib.SMTP("127.0.0.1", port, timeout=timeout) as smtp:
-        smtp.sendmail("cron@desktop.example", ["admin@hoster.example"], message)
-
-
-def read_until_eof(sock, timeout=20):
-    sock.settimeout(timeout)
-    chunks = []
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
+from conftest import (
+    AS_ROOT, MINIMAIL, SWAKS, alive, child_processes, free_port, make_message, minimail_command,
+    need, proc_status, read_until_eof, send_mail, ssh_config_with_key, start_daemon, wait_until)
 
 
 # ---------------------------------------------------------------------------
@@ -406,20 +152,14 @@ def test_a_session_longer_than_linger_is_not_cut(through_ssh, hoster):
     assert mm.tunnel_starts() == 1
 
 
-def test_an_account_that_may_run_no_command_gets_ssh_minus_n(sshd, hoster, minimail_process,
-                                                              tmp_path):
-    key = tmp_path / "forced_key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
-                   check=True, timeout=30)
+def test_an_account_that_may_run_no_command_gets_ssh_minus_n(through_ssh, sshd, hoster, tmp_path):
+    config, key = ssh_config_with_key(sshd, tmp_path, "forced_key")
     entry = f'command="/bin/true" {Path(f"{key}.pub").read_text()}'
     authorized = sshd.root / "authorized_keys"
     original = authorized.read_text()
     authorized.write_text(original + entry)              # a forced command ends every session
-    config = tmp_path / "ssh_config"
-    config.write_text(sshd.config.read_text().replace(f"{sshd.root}/client_key", str(key)))
     try:
-        mm = minimail_process("--ssh", f"ssh -F {config}", "--remote", f"127.0.0.1:{hoster.port}",
-                              "--linger", 30, "--jitter", 0, "hoster")
+        mm = through_ssh(linger=30, ssh=f"ssh -F {config}")
         send_mail(mm.port, make_message("forced-0"))      # the session ended at once, but ssh
         mm.wait_for_log(r"the remote command ended by itself \(exited with code 0")  # forwarded
         for i in (1, 2):                                  # the next clients get a working tunnel
@@ -453,67 +193,6 @@ def test_the_tunnel_socket_lives_in_a_private_directory_removed_on_exit(through_
 # The splice itself: early bytes and half-closes (through a stand-in tunnel)
 # ---------------------------------------------------------------------------
 
-#: A stand-in for ssh: listens on the tunnel port and serves each connection.
-#:   echo DELAY PORT  -- start listening only after DELAY seconds; echo until EOF
-#:   greet PORT FILE  -- send 1 MiB and half-close; then sink until EOF and
-#:                       write "<length> <sha256>" of what arrived to FILE
-TUNNEL_DOUBLE = r'''
-import hashlib, socket, sys, threading, time
-
-def echo(conn):
-    try:
-        while True:
-            data = conn.recv(65536)
-            if not data:
-                break
-            conn.sendall(data)
-        conn.shutdown(socket.SHUT_WR)
-    except OSError:            # the client went away
-        pass
-    conn.close()
-
-def greet(conn, path):
-    conn.sendall(bytes(range(256)) * 4096)
-    conn.shutdown(socket.SHUT_WR)
-    digest, length = hashlib.sha256(), 0
-    while True:
-        data = conn.recv(65536)
-        if not data:
-            break
-        digest.update(data)
-        length += len(data)
-    with open(path, "w") as out:
-        out.write(f"{length} {digest.hexdigest()}")
-    conn.close()
-
-mode = sys.argv[1]
-if mode == "echo":
-    time.sleep(float(sys.argv[2]))
-    port, serve, extra = int(sys.argv[3]), echo, ()
-else:
-    port, serve, extra = int(sys.argv[2]), greet, (sys.argv[3],)
-listener = socket.create_server(("127.0.0.1", port))
-while True:
-    conn, _ = listener.accept()
-    threading.Thread(target=serve, args=(conn, *extra), daemon=True).start()
-'''
-
-
-@pytest.fixture
-def tunnel_double(tmp_path, minimail_process):
-    """Start minimail with the stand-in tunnel command; returns (minimail, tunnel port)."""
-    script = tmp_path / "tunnel_double.py"
-    script.write_text(TUNNEL_DOUBLE)
-
-    def start(*command, linger=5, wait=30, options=()):
-        port = free_port()
-        words = [sys.executable, script, *[str(w).format(port=port) for w in command]]
-        mm = minimail_process("--tunnel-port", port, "--tunnel-command", " ".join(map(str, words)),
-                              "--linger", linger, "--jitter", 0, "--wait", wait, *options)
-        return mm, port
-    return start
-
-
 def test_an_eager_clients_early_bytes_wait_for_the_tunnel(tunnel_double):
     mm, _ = tunnel_double("echo", 1.0, "{port}")
     payload = os.urandom(300_000)
@@ -546,7 +225,7 @@ def test_half_close_from_the_far_side_passes_through(tunnel_double, tmp_path):
 
 def test_ssh_that_cannot_connect_gives_421_within_wait(through_ssh, hoster):
     closed_port = free_port()
-    mm = through_ssh("--wait", 5, "-o", f"Port={closed_port}")
+    mm = through_ssh("--no-queue", "--wait", 5, "-o", f"Port={closed_port}")
     started = time.monotonic()
     with pytest.raises(smtplib.SMTPConnectError) as refused:
         smtplib.SMTP("127.0.0.1", mm.port, timeout=30)
@@ -563,7 +242,8 @@ def test_ssh_that_cannot_connect_gives_421_within_wait(through_ssh, hoster):
 
 
 def test_a_tunnel_that_never_accepts_gives_421_at_wait(tunnel_double):
-    mm, _ = tunnel_double("echo", 60, "{port}", wait=1)   # listens only after a minute
+    mm, _ = tunnel_double("echo", 60, "{port}", wait=1,   # listens only after a minute
+                          options=["--no-queue"])
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", mm.port), timeout=10) as client:
         reply = read_until_eof(client)
@@ -574,7 +254,7 @@ def test_a_tunnel_that_never_accepts_gives_421_at_wait(tunnel_double):
 
 
 def test_a_far_side_that_refuses_gives_421(through_ssh, hoster):
-    mm = through_ssh(remote=f"127.0.0.1:{free_port()}")         # nothing listens there
+    mm = through_ssh("--no-queue", remote=f"127.0.0.1:{free_port()}")   # nothing listens there
     with pytest.raises(smtplib.SMTPConnectError) as refused:
         smtplib.SMTP("127.0.0.1", mm.port, timeout=30)
     assert refused.value.smtp_code == 421
@@ -644,25 +324,6 @@ def test_sigterm_stops_minimail_and_its_tunnel(through_ssh, hoster):
 # The daemon: start, status, stop; privileges; systemd; check
 # ---------------------------------------------------------------------------
 
-def minimail_command(*args, env=None, timeout=60):
-    """Run `python minimail.py ARGS...` to its end, as a user at a shell would."""
-    return subprocess.run([sys.executable, MINIMAIL, *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env)
-
-
-@pytest.fixture
-def run_dir():
-    """A directory for pid, state and log files that any user may enter (tmp_path's
-    parents are closed to the users a test drops to)."""
-    path = Path(tempfile.mkdtemp(prefix="minimail-test-"))
-    path.chmod(0o755)
-    yield path
-    pid_file = path / "minimail.pid"
-    if pid_file.exists():                     # a test failed with its daemon running
-        minimail_command("stop", "--pidfile", pid_file)
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def read_status(pidfile):
     result = minimail_command("status", "--json", "--pidfile", pidfile)
     return result.returncode, json.loads(result.stdout)
@@ -673,7 +334,7 @@ def test_start_status_mail_stop_as_a_daemon(sshd, hoster, run_dir):
     port = free_port()
     started = minimail_command(
         "start", *AS_ROOT, "--listen", f"127.0.0.1:{port}", "--pidfile", pidfile, "--logfile", logfile,
-        "--ssh", sshd.ssh, "--remote", f"127.0.0.1:{hoster.port}", "--linger", 30, "hoster")
+        "--queue", run_dir / "queue", "--ssh", sshd.ssh, "--remote", f"127.0.0.1:{hoster.port}", "--linger", 30, "hoster")
     assert started.returncode == 0, started.stderr
     pid = int(pidfile.read_text())
     assert started.stdout == f"minimail started (pid {pid}), listening on 127.0.0.1:{port}; log: {logfile}\n"
@@ -718,11 +379,7 @@ def test_a_stale_pid_file_is_not_trusted(run_dir, tunnel_script):
         try:
             pidfile.write_text(f"{other.pid}\n")
             assert minimail_command("status", "--pidfile", pidfile).returncode == 3
-            port = free_port()
-            started = minimail_command("start", *AS_ROOT, "--listen", f"127.0.0.1:{port}",
-                                       "--pidfile", pidfile, "--logfile", run_dir / "log",
-                                       *tunnel_script("echo", 0, "{port}"))
-            assert started.returncode == 0, started.stderr
+            start_daemon(run_dir, *tunnel_script("echo", 0, "{port}"))
             assert int(pidfile.read_text()) != other.pid
             assert other.poll() is None               # and that program was left alone
         finally:
@@ -738,7 +395,8 @@ def test_stop_with_no_daemon_says_so(run_dir):
 def test_restart_replaces_the_daemon(run_dir, tunnel_script):
     pidfile, port = run_dir / "minimail.pid", free_port()
     args = [*AS_ROOT, "--listen", f"127.0.0.1:{port}", "--pidfile", pidfile,
-            "--logfile", run_dir / "log", *tunnel_script("echo", 0, "{port}")]
+            "--logfile", run_dir / "log", "--queue", run_dir / "queue",
+            *tunnel_script("echo", 0, "{port}")]
     assert minimail_command("start", *args).returncode == 0
     first = int(pidfile.read_text())
     again = minimail_command("start", *args)
@@ -754,9 +412,8 @@ def test_restart_replaces_the_daemon(run_dir, tunnel_script):
 
 
 def test_sighup_reopens_the_log_file(run_dir, tunnel_script):
-    pidfile, logfile, port = run_dir / "minimail.pid", run_dir / "minimail.log", free_port()
-    assert minimail_command("start", *AS_ROOT, "--listen", f"127.0.0.1:{port}", "--pidfile", pidfile,
-                            "--logfile", logfile, *tunnel_script("echo", 0, "{port}")).returncode == 0
+    pidfile, logfile = run_dir / "minimail.pid", run_dir / "minimail.log"
+    port = start_daemon(run_dir, *tunnel_script("echo", 0, "{port}"))
     logfile.rename(run_dir / "minimail.log.1")             # what logrotate does
     os.kill(int(pidfile.read_text()), signal.SIGHUP)
     wait_until(logfile.exists, 5, "a new log file")
@@ -769,32 +426,20 @@ def test_sighup_reopens_the_log_file(run_dir, tunnel_script):
     assert minimail_command("stop", "--pidfile", pidfile).returncode == 0
 
 
-@pytest.fixture
-def tunnel_script(tmp_path):
-    """The stand-in tunnel's options: --tunnel-port PORT --tunnel-command "python double.py ..."."""
-    script = tmp_path / "tunnel_double.py"
-    script.write_text(TUNNEL_DOUBLE)
-    script.chmod(0o644)
-
-    def options(*command):
-        port = free_port()
-        words = [sys.executable, script, *[str(w).format(port=port) for w in command]]
-        return ["--tunnel-port", port, "--tunnel-command", " ".join(map(str, words))]
-    return options
-
-
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
 
 
 @root_only
 def test_started_as_root_it_becomes_the_user_for_good(run_dir):
     nobody = pwd.getpwnam("nobody")
-    pidfile, port, tunnel_port = run_dir / "minimail.pid", free_port(), free_port()
+    # in a directory minimail makes, and so hands to nobody (as /run/minimail)
+    pidfile, port, tunnel_port = run_dir / "run" / "minimail.pid", free_port(), free_port()
     socat = shutil.which("socat")
     need("socat", socat)
     started = minimail_command(
         "start", "--user", "nobody", "--listen", f"127.0.0.1:{port}", "--pidfile", pidfile,
-        "--logfile", run_dir / "minimail.log", "--tunnel-port", tunnel_port, "--tunnel-command",
+        "--logfile", run_dir / "minimail.log", "--queue", run_dir / "queue",
+        "--tunnel-port", tunnel_port, "--tunnel-command",
         f"{socat} TCP-LISTEN:{tunnel_port},bind=127.0.0.1,reuseaddr,fork SYSTEM:'echo 220 ok'")
     assert started.returncode == 0, started.stderr
     pid = int(pidfile.read_text())
@@ -811,19 +456,6 @@ def test_started_as_root_it_becomes_the_user_for_good(run_dir):
     assert (run_dir / "minimail.log").stat().st_uid == nobody.pw_uid   # writable after the drop
     assert minimail_command("stop", "--pidfile", pidfile).returncode == 0
     assert not pidfile.exists()
-
-
-def alive(pid):
-    """True while pid runs: a zombie (exited, not yet reaped by init) does not."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def proc_status(pid):
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
 
 
 @root_only
@@ -844,7 +476,7 @@ def test_a_port_that_needs_root_names_the_ways_out(monkeypatch):
     def refuse(sock, address):
         raise PermissionError(13, "Permission denied")
     monkeypatch.setattr(socket.socket, "bind", refuse)
-    settings = minimail.Settings(minimail.docopt(minimail.__doc__, ["--foreground", "me@host"]))
+    settings = minimail.Settings(docopt(minimail.__doc__, ["--foreground", "me@host"]))
     with pytest.raises(minimail.Fatal) as refused:
         minimail.bind(settings)
     assert str(refused.value) == (
@@ -908,15 +540,6 @@ def test_a_capability_granted_for_the_port_does_not_pass_on_to_the_tunnel(tunnel
         proc.wait(timeout=15)
 
 
-@pytest.fixture
-def check_setup(sshd, hoster, tmp_path):
-    """`minimail check` against the test sshd, with one thing changed."""
-    def check(*args, ssh=None, remote=None):
-        return minimail_command("check", *AS_ROOT, "--ssh", ssh or sshd.ssh,
-                                "--remote", remote or f"127.0.0.1:{hoster.port}", *args, "hoster")
-    return check
-
-
 def test_check_passes_when_all_is_well(check_setup):
     result = check_setup()
     assert result.returncode == 0, result.stdout
@@ -945,10 +568,7 @@ def test_check_names_an_unknown_host_key(check_setup):
 
 
 def test_check_names_a_rejected_key(check_setup, sshd, tmp_path):
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "stranger")],
-                   check=True, timeout=30)
-    config = tmp_path / "ssh_config"
-    config.write_text(sshd.config.read_text().replace(f"{sshd.root}/client_key", f"{tmp_path}/stranger"))
+    config, _ = ssh_config_with_key(sshd, tmp_path, "stranger")
     result = check_setup(ssh=f"ssh -F {config}")
     assert result.returncode == 1
     assert "ok    the hoster's host key is known" in result.stdout
@@ -982,7 +602,7 @@ def test_every_documented_option_is_understood():
             "--jitter", "2", "--wait", "3", "--idle-timeout", "4", "--max-clients", "5",
             "--drain", "6", "--ssh", "ssh -F cfg", "-o", "A=1", "-o", "B=2", "--no-session",
             "-v", "me@hoster"]
-    settings = minimail.Settings(minimail.docopt(minimail.__doc__, argv))
+    settings = minimail.Settings(docopt(minimail.__doc__, argv))
     assert settings.listen == (socket.AF_INET6, "::1", 2525)
     assert (settings.tunnel_port, settings.remote, settings.destination) == (2600, "mail:587", "me@hoster")
     assert (settings.linger, settings.jitter, settings.wait, settings.idle_timeout,
@@ -1021,8 +641,8 @@ def test_both_ways_of_copying_move_every_byte_and_report_the_end(copy):
     payload = os.urandom(3_000_000)
     src_near, src_far = gevent.socket.socketpair()
     dst_near, dst_far = gevent.socket.socketpair()
-    flow = [0]
-    copier = gevent.spawn(copy, src_far, dst_near, flow)
+    flow, pool = minimail.Flow(), minimail.PipePool() if "pipe" in copy.__name__ else minimail.BufferPool()
+    copier = gevent.spawn(copy, src_far, dst_near, flow, pool)
     def write_all():
         src_near.sendall(payload)
         src_near.shutdown(socket.SHUT_WR)
@@ -1036,20 +656,24 @@ def test_both_ways_of_copying_move_every_byte_and_report_the_end(copy):
         received.append(chunk)
         if sum(map(len, received)) == len(payload):
             break
-    assert copier.get(timeout=10) is None and writer.get(timeout=10) is None   # at end of src
-    assert b"".join(received) == payload and flow == [len(payload)]
+    assert copier.get(timeout=10) is minimail.AT_END and writer.get(timeout=10) is None
+    assert b"".join(received) == payload and flow.count == len(payload)
     src_near, src_far = gevent.socket.socketpair()
     dst_far.close()                                   # the far side is gone
     src_near.sendall(b"x" * 1000)                      # fits in the socket's buffer
-    failure = gevent.spawn(copy, src_far, dst_near, [0]).get(timeout=10)
+    failure = gevent.spawn(copy, src_far, dst_near, minimail.Flow(), pool).get(timeout=10)
     assert isinstance(failure, (BrokenPipeError, ConnectionResetError))
+    pool.empty()
 
 
 def test_ssh_argv_keeps_safety_options_first_and_holds_a_session():
-    argv = minimail.ssh_argv(["ssh", "-F", "cfg"], ["BatchMode=no", "ServerAliveInterval=2"],
+    argv = minimail.ssh_argv(["ssh", "-oBatchMode=no", "-F", "cfg"],
+                             ["BatchMode=no", "ServerAliveInterval=2"],
                              "/run/mm/tunnel.sock:localhost:25", "me@hoster", session=True)
     options = [argv[i + 1] for i, word in enumerate(argv) if word == "-o"]
-    assert argv[:4] == ["ssh", "-F", "cfg", "-T"]
+    # right after the program's name, ahead of --ssh's own arguments (ssh keeps the first value)
+    assert argv[:5] == ["ssh", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes"]
+    assert argv[5:9] == ["-oBatchMode=no", "-F", "cfg", "-T"]
     assert options.index("BatchMode=yes") < options.index("BatchMode=no")
     assert options.index("ServerAliveInterval=2") < options.index("ServerAliveInterval=15")
     assert {"ExitOnForwardFailure=yes", "ControlMaster=no", "ControlPath=none",
