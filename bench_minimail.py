@@ -3,8 +3,8 @@
 
 Run it from a checkout, as root or as a user who may run sshd:
 
-    python bench_minimail.py                 # everything, 5 rounds, about 4 minutes
-    python bench_minimail.py --quick         # 2 rounds, smaller sizes, about a minute
+    python bench_minimail.py                 # everything, 5 rounds, under 3 minutes
+    python bench_minimail.py --quick         # 2 rounds, smaller sizes, under 40 s
     python bench_minimail.py --section forwarder --rounds 3
     python bench_minimail.py --minimail /tmp/old/minimail.py     # measure another copy
     python bench_minimail.py --compare /tmp/before/minimail.py   # A/B in one run
@@ -1587,7 +1587,7 @@ def read_copy(parser, name, path):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="2 rounds and smaller sizes (about a minute)")
+                        help="2 rounds and smaller sizes (under 40 s)")
     parser.add_argument("--rounds", type=int, help="rounds per section (default 5)")
     parser.add_argument("--section", choices=SECTIONS, action="append",
                         help="run only this section (repeatable; default: all)")
