@@ -149,9 +149,14 @@ Host *
         if os.geteuid() == 0:
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)   # privilege separation
         self.log = root / "sshd.log"
-        self.proc = subprocess.Popen(
-            [SSHD, "-D", "-e", "-f", str(root / "sshd_config")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
+        self.start()
+
+    def start(self):
+        """Start (or start again, on the same port with the same keys)."""
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [SSHD, "-D", "-e", "-f", str(self.root / "sshd_config")],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
         wait_until(self.greets, 10, "sshd to listen")
 
     def greets(self):
@@ -169,6 +174,7 @@ Host *
         return f"ssh -F {self.config}"
 
     def stop(self):
+        """Stop listening; connections already made stay (as an sshd restart does)."""
         self.proc.terminate()
         self.proc.wait(timeout=10)
 
@@ -199,13 +205,21 @@ class HosterController(Controller):
 
 
 class Hoster:
-    """A real SMTP server (aiosmtpd) standing in for the hoster's; it keeps every message."""
+    """A real SMTP server (aiosmtpd) standing in for the hoster's; it keeps every
+    message, and refuses the recipients in `refuse` ({address: reply})."""
 
     def __init__(self):
         self.messages = []
+        self.refuse = {}
         self.port = free_port()
         self.controller = HosterController(self, hostname="127.0.0.1", port=self.port)
         self.controller.start()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address in self.refuse:
+            return self.refuse[address]
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 ok"
 
     async def handle_DATA(self, server, session, envelope):
         self.messages.append(envelope)

@@ -725,9 +725,11 @@ Facts = collections.namedtuple(
 Plan = collections.namedtuple("Plan", "action wake_at")
 
 
-def earliest(*moments):
-    """The earliest of the moments that are set (None means no timer)."""
-    return min((m for m in moments if m is not None), default=None)
+def earliest(first, second):
+    """The earlier of two moments that may be unset (None: no timer)."""
+    if first is None or (second is not None and second < first):
+        return second
+    return first
 
 
 def decide(facts, wait):
@@ -796,6 +798,10 @@ class SleepWatch:
         offset = self.read()
         asleep, self.offset = offset - self.offset, offset
         return asleep if asleep > SLEEP_NOTICED else 0.0
+
+    def slept_since(self):
+        """Whether the next look will find that the machine slept (a peek)."""
+        return self.read() - self.offset > SLEEP_NOTICED
 
 
 def child_environment():
@@ -986,6 +992,7 @@ class Supervisor:
                  grace=STOP_GRACE, backoff_first=BACKOFF_FIRST, backoff_max=BACKOFF_MAX,
                  clocks=(time.monotonic, boottime), rng=None):
         import random
+        from gevent import get_hub
         from gevent.event import Event
         self.settings = settings
         self.endpoints = endpoints        # launch number -> its endpoint
@@ -1013,6 +1020,7 @@ class Supervisor:
         self.closing = False              # minimail is stopping: no new child
         self.inbox = collections.deque()
         self.wake = Event()
+        self.alarm, self.alarm_at = get_hub().loop.timer(0), None   # see set_alarm
         self.changed = Event()
         self.all_gone = Event()           # set when closing and no child is left
 
@@ -1029,8 +1037,14 @@ class Supervisor:
         self.wake.set()
 
     def arrived(self):
-        """A client needs the tunnel: start it, or cancel the countdown."""
-        self.post("arrived")
+        """A client needs the tunnel: start it, or cancel the countdown.  While
+        the tunnel is up, the supervisor need not wake for it: it learns of it
+        at its next step (the client's leaving, at the latest), unless the
+        clocks say the machine slept."""
+        self.inbox.append(("arrived",))
+        child = self.child
+        if child is None or child.phase is not Phase.UP or self.sleep_watch.slept_since():
+            self.wake.set()
 
     def left(self):
         """A client is done with the tunnel; the last one starts the countdown."""
@@ -1109,19 +1123,36 @@ class Supervisor:
     # -- the supervisor greenlet --------------------------------------------
 
     def run(self):
-        while True:
-            self.wake.clear()
-            now = self.clock()
-            while self.inbox:
-                self.take(self.inbox.popleft(), now)
-            wake_at = self.step(now)
-            self.wake.wait(None if wake_at is None else max(0.0, wake_at - self.clock()))
+        try:
+            while True:
+                self.wake.clear()
+                now = self.clock()
+                while self.inbox:
+                    self.take(self.inbox.popleft(), now)
+                self.set_alarm(self.step(now), now)
+                self.wake.wait()
+        finally:
+            self.alarm.close()
+
+    def set_alarm(self, wake_at, now):
+        """Ring at wake_at (None: no need).  One timer, set again only when it
+        must ring sooner: an early ring costs one needless step, a new timer
+        for every client that comes and goes would cost more."""
+        if wake_at is None or (self.alarm.active and self.alarm_at <= wake_at):
+            return
+        self.alarm.close()
+        self.alarm_at = wake_at
+        self.alarm = self.alarm.loop.timer(max(0.0, wake_at - now))
+        self.alarm.start(self.wake.set)
 
     def take(self, message, now):
         """Apply one message a client, a child or minimail posted."""
         kind, *rest = message
         if kind in ("arrived", "left"):
             self.clients += 1 if kind == "arrived" else -1
+            if kind == "arrived" and self.countdown_ends is not None:
+                self.countdown_ends = None  # even if it has left again since
+                log.debug("countdown cancelled: a client arrived")
             self.on_change()                # waiting clients need not wake
             return
         if kind == "through" and rest[0] is self.child:
@@ -1354,14 +1385,15 @@ class Flow:
         self.count = 0
 
 
-def splice_through_pipe(src, dst, flow, pool):
+def splice_through_pipe(src, dst, flow, pool, ready=False):
     """Move src to dst until src ends, through a pipe with splice(2): the bytes
     never enter Python.  Returns AT_END, or the socket error that ended the
     copy.  The caller passes end-of-stream on.
 
     After a chunk that filled the pipe it reads again before it waits, so a bulk
     transfer seldom goes round the event loop (but after YIELD_EVERY chunks in a
-    row it waits all the same, to give other clients their turn)."""
+    row it waits all the same, to give other clients their turn); with ready,
+    it reads before it first waits too (bytes are known to wait)."""
     from gevent import get_hub
     hub = get_hub()
     readable = hub.loop.io(src.fileno(), READ)
@@ -1369,7 +1401,9 @@ def splice_through_pipe(src, dst, flow, pool):
     in_a_row = 0
     try:
         while True:
-            hub.wait(readable)
+            if not ready:
+                hub.wait(readable)
+            ready = False
             while True:
                 try:
                     pipe = pool.take()
@@ -1413,7 +1447,7 @@ def move_through(pipe, src_fd, writable, hub):
     return count
 
 
-def splice_through_buffer(src, dst, flow, pool):
+def splice_through_buffer(src, dst, flow, pool, ready=False):
     """splice_through_pipe's twin for systems without splice(2): recv_into a
     pooled buffer, then sendall."""
     from gevent import get_hub
@@ -1421,7 +1455,9 @@ def splice_through_buffer(src, dst, flow, pool):
     readable = hub.loop.io(src.fileno(), READ)
     try:
         while True:
-            hub.wait(readable)
+            if not ready:
+                hub.wait(readable)
+            ready = False
             buf = pool.take()
             try:
                 count = src.recv_into(buf)
@@ -1537,6 +1573,9 @@ class Greeting(enum.Enum):
 MOVES_MAX = 2
 #: Running out of file descriptors is logged at most this often (seconds).
 FD_WARN_EVERY = 10.0
+#: Clients arriving within this many seconds share one count of the far side's
+#: bytes as the start of their stale-tunnel check.
+FAR_BYTES_FRESH = 0.1
 
 
 class Session:
@@ -1618,12 +1657,13 @@ class Forwarder:
         self.on_change = on_change
         self.handlers = Pool()              # lets drain() wait for them
         self.server = StreamServer(listener, self.handle, spawn=self.handlers)
-        self.server.do_read = self.accept
+        self.accept_one, self.server.do_read = self.server.do_read, self.accept
         self.sessions = set()
         self.served = 0                     # clients served since the start
         self.bytes_from_clients = 0         # of sessions that have ended
         self.bytes_to_clients = 0
         self.heard = collections.Counter()  # far-side bytes of ended sessions, per child
+        self.far_bytes_seen = {}            # child -> (when, far_bytes) for a crowd
         self.pool = PipePool() if splice is splice_through_pipe else BufferPool()
         self.buffers = BufferPool()         # when no descriptor is left for a pipe
         self.started_at = time.time()       # wall clock, for status
@@ -1641,9 +1681,8 @@ class Forwarder:
     def accept(self):
         """The server's accept: out of file descriptors, it pauses for a moment
         (the client waits in the backlog) instead of printing tracebacks."""
-        from gevent.server import StreamServer
         try:
-            return StreamServer.do_read(self.server)
+            return self.accept_one()
         except OSError as exc:
             if not out_of_descriptors(exc):
                 raise
@@ -1747,16 +1786,14 @@ class Forwarder:
         settings, now = self.settings, time.monotonic()
         stale_at = now + settings.greeting_wait if warm and settings.greeting_wait else None
         idle_at = now + settings.idle_timeout if settings.idle_timeout else None
-        heard = self.far_bytes(child) if stale_at else 0
+        heard = self.far_bytes(child, cached=True) if stale_at else 0
         watched = [upstream] if session.client_ended else [upstream, client]
         while True:
             wake_at = earliest(stale_at, idle_at)
             timeout = None if wake_at is None else max(0.0, wake_at - time.monotonic())
             readable = wait_readable(watched, timeout)
             if readable is upstream:
-                result = self.first_word(session)
-                if result is not None:
-                    return result
+                return self.first_word(session)
             if readable is client:
                 result = self.take_early_bytes(session)
                 if result is not None:
@@ -1774,11 +1811,11 @@ class Forwarder:
                 return Greeting.IDLE
 
     def first_word(self, session):
-        """The far side's end is readable: bytes, a half-close, or a tunnel gone
-        (None if nothing waits after all)."""
-        first = peek(session.upstream)
-        if first is None:
-            return None
+        """The far side's end is readable: bytes, a half-close, or a tunnel gone."""
+        try:
+            first = session.upstream.recv(1, socket.MSG_PEEK)    # readable: no wait
+        except OSError:
+            first = b""
         if first:
             return Greeting.HEARD
         if session.child.gone():
@@ -1807,9 +1844,17 @@ class Forwarder:
             pass                  # the tunnel is going: the wait for the far side tells
         return None if session.movable else Greeting.TOO_MUCH
 
-    def far_bytes(self, child):
-        """Bytes the far side has sent through this child, for everyone."""
-        return self.heard[child] + sum(s.received.count for s in self.sessions if s.child is child)
+    def far_bytes(self, child, cached=False):
+        """Bytes the far side has sent through this child, for everyone.  A crowd
+        arriving at once shares one count (cached for FAR_BYTES_FRESH seconds):
+        counting for each of them would cost the square of their number."""
+        now = time.monotonic()
+        counted_at, count = self.far_bytes_seen.get(child, (None, 0))
+        if not cached or counted_at is None or now - counted_at > FAR_BYTES_FRESH:
+            count = self.heard[child] + sum(s.received.count for s in self.sessions
+                                            if s.child is child)
+            self.far_bytes_seen[child] = (now, count)
+        return count
 
     def splice_pair(self, session):
         """Copy both ways until both directions end, one fails, the tunnel dies
@@ -1822,7 +1867,7 @@ class Forwarder:
         died, ended = session.child.died, self.tunnel_ended(session)
         died.rawlink(ended)
         try:
-            result = self.copy(session.upstream, session.client, session.received)
+            result = self.copy(session.upstream, session.client, session.received, ready=True)
             if result is AT_END:
                 shutdown_write(session.client)
             else:
@@ -1835,12 +1880,12 @@ class Forwarder:
             if up is not None:
                 up.kill()
 
-    def copy(self, src, dst, flow):
+    def copy(self, src, dst, flow, ready=False):
         """splice(2) through a pooled pipe; through a buffer once no descriptor
         is left for a pipe (nothing has been read then: the copy goes on)."""
-        result = splice(src, dst, flow, self.pool)
+        result = splice(src, dst, flow, self.pool, ready)
         if out_of_descriptors(result):
-            result = splice_through_buffer(src, dst, flow, self.buffers)
+            result = splice_through_buffer(src, dst, flow, self.buffers, ready)
         return result
 
     def copy_up(self, session):
@@ -1870,6 +1915,7 @@ class Forwarder:
                 self.pool.empty()
                 self.buffers.empty()
                 self.heard.clear()
+                self.far_bytes_seen.clear()
             changed.wait()
 
     def close(self):
