@@ -2649,8 +2649,9 @@ class QueueRunner:
     # -- what others tell it -------------------------------------------------
 
     def queued(self, envelope):
-        """The receiver queued a message (its first try comes at next_try)."""
+        """The receiver queued a message: its first try comes at its next_try."""
         self.waiting[envelope.id] = envelope
+        self.wake.set()                   # to set the runner's timer for it
         self.on_change()
 
     def flush(self):
@@ -2745,8 +2746,7 @@ class QueueRunner:
                  len(delivered), len(deferred), len(failed), ", ".join(map(str, codes)))
         if failed:
             self.bounce(envelope, failed, expired=False)
-        replies = [reply for code, reply in results.values() if not 200 <= code < 300]
-        self.finish(envelope, deferred, replies[0] if replies else None)
+        self.finish(envelope, deferred, results[deferred[0]][1] if deferred else None)
 
     def defer(self, envelope, reason):
         """Nothing was delivered this time: try again later."""
@@ -3844,8 +3844,11 @@ def show_queue(directory, as_json):
     except FileNotFoundError:
         queued = failed = []
     except PermissionError:
-        raise Fatal(f"cannot read the queue in {directory}: it belongs to "
-                    f"{owner_name(os.stat(directory).st_uid)} (try sudo)") from None
+        try:
+            whose = f"it belongs to {owner_name(os.stat(directory).st_uid)}"
+        except OSError:
+            whose = "permission denied"
+        raise Fatal(f"cannot read the queue in {directory}: {whose} (try sudo)") from None
     if as_json:
         entries = [{**describe_envelope(e), "state": "queued"} for e in queued] + \
                   [{**describe_envelope(e), "state": "failed"} for e in failed]
