@@ -2015,14 +2015,17 @@ FAILED_KEPT = 30 * 86400.0
 RETRY_MAX = 3600.0
 #: How long the runner waits for each of the hoster's answers.
 SMTP_TIMEOUT = 60.0
-#: A draft is written out in pieces of about this many bytes.
-WRITE_BATCH = 256 * 1024
+#: A message this large goes to a file as it arrives (smaller ones are
+#: written whole, in the thread pool, when they are committed).
+DRAFT_IN_MEMORY = 1024 * 1024
 #: A line of DATA without CRLF is passed on in pieces once it is this long.
 DATA_LINE_PIECE = 64 * 1024
 #: How much of a message's header the bounce quotes.
 HEADER_QUOTE_MAX = 64 * 1024
 #: Where the spool keeps what (subdirectories of --queue).
 SPOOL_DIRS = ("tmp", "queued", "failed")
+#: A stored message's first line: this, then its envelope in JSON, then CRLF.
+ENVELOPE_LINE = b"MINIMAIL-ENVELOPE "
 
 
 def new_queue_id():
@@ -2108,26 +2111,23 @@ def valid_address(address):
 
 
 class Draft:
-    """A message being written into the spool's tmp/, as it arrives, under an
-    ID that no other message in the spool has (drafts: O_EXCL; the queued and
-    the failed ones: looked up)."""
+    """A message as it arrives.  Its first line is its envelope.  It stays in
+    memory until it is large (then in a file in the spool's tmp/); the file is
+    made, written and fsync'ed at the latest in the commit, in the thread
+    pool.  Its ID is unique by its time, its random part and O_EXCL (the
+    commit's link refuses one that a queued message has)."""
 
     def __init__(self, spool):
-        while True:
-            self.id = new_queue_id()
-            self.path = spool.path("tmp", f"{self.id}.msg")
-            if spool.holds(self.id):
-                continue
-            try:
-                self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                                  | os.O_CLOEXEC, 0o600)
-                break
-            except FileExistsError:
-                continue
-        self.size = 0
+        self.id = new_queue_id()
+        self.path = spool.path("tmp", f"{self.id}.msg")
+        self.fd = None
+        self.size = 0                 # of the message, without the envelope's line
         self.eight_bit = False
         self.error = None             # the first write error (a full disk)
         self.pending, self.pending_size = [], 0
+
+    def write_envelope(self, envelope):
+        self.pending.append(ENVELOPE_LINE + envelope.to_json() + b"\r\n")
 
     def write(self, data):
         self.size += len(data)
@@ -2136,12 +2136,16 @@ class Draft:
         self.eight_bit = self.eight_bit or not data.isascii()
         self.pending.append(data)
         self.pending_size += len(data)
-        if self.pending_size >= WRITE_BATCH:
+        if self.pending_size >= DRAFT_IN_MEMORY:
             self.flush()
 
     def flush(self):
+        """Write what is pending to the file (made now if need be)."""
         data, self.pending, self.pending_size = b"".join(self.pending), [], 0
         try:
+            if self.fd is None:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                  | os.O_CLOEXEC, 0o600)
             view = memoryview(data)
             while view:
                 view = view[os.write(self.fd, view):]
@@ -2155,6 +2159,7 @@ class Draft:
 
     def discard(self):
         self.close()
+        self.pending = []
         remove_quietly(self.path)
 
 
@@ -2165,14 +2170,43 @@ def remove_quietly(path):
         pass
 
 
+class DirectorySync:
+    """The fsync of a directory, shared by the commits under way: one that
+    began after a rename makes that rename durable, so a crowd of commits pays
+    for one or two (a group commit).  Called from the thread pool."""
+
+    def __init__(self, path):
+        import threading
+        self.path = path
+        self.syncing = threading.Lock()     # one fsync at a time
+        self.counting = threading.Lock()
+        self.asked = 0                      # renames that asked for a sync
+        self.synced = 0                     # renames a finished fsync covers
+
+    def sync(self):
+        with self.counting:
+            self.asked += 1
+            mine = self.asked
+        with self.syncing:
+            if self.synced >= mine:
+                return
+            with self.counting:
+                covers = self.asked
+            fsync_directory(self.path)
+            self.synced = covers
+
+
 class Spool:
-    """The queue directory, owned by the daemon's user (0700): tmp/ holds drafts,
-    queued/ holds ID.msg and ID.env, failed/ what bounced.  A message is queued
-    once its ID.env is: written after ID.msg, both fsync'ed and renamed into
-    queued/, the directory fsync'ed.  Blocking calls run in the thread pool."""
+    """The queue directory, owned by the daemon's user (0700): tmp/ holds
+    drafts, queued/ the messages, failed/ what bounced.  A message is one file,
+    ID.msg, whose first line is its envelope: queued once that file is
+    fsync'ed, renamed into queued/, and the directory fsync'ed.  Later changes
+    to the envelope (attempts, the last reply) go to ID.env beside it, which
+    wins.  Blocking calls run in the thread pool."""
 
     def __init__(self, root):
         self.root = root
+        self.syncs = {where: DirectorySync(self.path(where)) for where in ("queued", "failed")}
 
     def path(self, where, name=""):
         return os.path.join(self.root, where, name)
@@ -2184,54 +2218,53 @@ class Spool:
             os.makedirs(self.path(where), mode=0o700, exist_ok=True)
         for name in os.listdir(self.path("tmp")):
             remove_quietly(self.path("tmp", name))
-        names = set(os.listdir(self.path("queued")))
-        for name in names:
-            stem, dot, kind = name.partition(".")
-            twin = f"{stem}.{'env' if kind == 'msg' else 'msg'}"
-            if kind in ("msg", "env") and twin not in names:
-                log.warning("queue: removing %s, left without its %s by an interrupted write",
-                            printable(name, 40), twin.partition(".")[2])
-                remove_quietly(self.path("queued", name))
+        for where in ("queued", "failed"):
+            names = set(os.listdir(self.path(where)))
+            for name in names:
+                stem, _, kind = name.partition(".")
+                if kind == "env" and f"{stem}.msg" not in names:
+                    log.warning("queue: removing %s/%s, left without its message", where,
+                                printable(name, 40))
+                    remove_quietly(self.path(where, name))
 
     def draft(self):
         return Draft(self)
 
-    def holds(self, queue_id):
-        """Whether a queued or failed message has this ID."""
-        return any(os.path.lexists(self.path(where, f"{queue_id}.{kind}"))
-                   for where in ("queued", "failed") for kind in ("msg", "env"))
-
-    def commit(self, draft, envelope):
-        """Make a draft a queued message, durably (blocking: run in_thread)."""
-        env_tmp = self.path("tmp", f"{draft.id}.env")
+    def commit(self, draft):
+        """Make a draft a queued message, durably (blocking: run in_thread):
+        written and fsync'ed in tmp/, linked into queued/ (a link never replaces
+        a message that has the same ID), the directory fsync'ed."""
+        queued = self.path("queued", f"{draft.id}.msg")
+        linked = False
         try:
             draft.flush()
             if draft.error is not None:
                 raise draft.error
             os.fsync(draft.fd)
             draft.close()
-            write_durably(env_tmp, envelope.to_json())
-            os.rename(draft.path, self.path("queued", f"{draft.id}.msg"))
-            os.rename(env_tmp, self.path("queued", f"{draft.id}.env"))
-            fsync_directory(self.path("queued"))
+            os.link(draft.path, queued)
+            linked = True
+            os.unlink(draft.path)
+            self.syncs["queued"].sync()
         except OSError:
             draft.discard()
-            remove_quietly(env_tmp)
-            remove_quietly(self.path("queued", f"{draft.id}.msg"))
+            if linked:
+                remove_quietly(queued)
             raise
 
     def save(self, envelope, where="queued"):
-        """Replace a message's envelope durably (blocking: run in_thread)."""
+        """Write a message's envelope as it is now, durably (blocking: run in_thread)."""
         temporary = self.path("tmp", f"{envelope.id}.env")
         remove_quietly(temporary)
         write_durably(temporary, envelope.to_json())
         os.rename(temporary, self.path(where, f"{envelope.id}.env"))
-        fsync_directory(self.path(where))
+        self.syncs[where].sync()
 
     def remove(self, envelope):
-        """A delivered message leaves the queue: its envelope first."""
-        remove_quietly(self.path("queued", f"{envelope.id}.env"))
+        """A delivered message leaves the queue (an envelope left alone by a
+        crash is removed at the next start)."""
         remove_quietly(self.path("queued", f"{envelope.id}.msg"))
+        remove_quietly(self.path("queued", f"{envelope.id}.env"))
 
     def fail(self, envelope):
         """Move a message that bounced to failed/ (blocking: run in_thread)."""
@@ -2246,36 +2279,58 @@ class Spool:
         envelopes = []
         for name in sorted(os.listdir(self.path(where))):
             stem, _, kind = name.partition(".")
-            if kind != "env":
+            if kind != "msg":
                 continue
             try:
-                with open(self.path(where, name), "rb") as f:
-                    raw = f.read(SMALL_FILE_MAX + 1)
-                if len(raw) > SMALL_FILE_MAX:
-                    raise ValueError("too large")
-                envelopes.append(Envelope.from_json(raw, stem))
+                envelopes.append(self.envelope(where, stem))
             except (OSError, ValueError) as exc:
-                log.warning("queue: %s/%s is not a valid envelope (%s): left alone",
+                log.warning("queue: %s/%s has no valid envelope (%s): left alone",
                             where, printable(name, 40), printable(str(exc), 80))
         return sorted(envelopes, key=lambda e: e.arrived)
+
+    def envelope(self, where, queue_id):
+        """A message's envelope: its ID.env if there is one, else its first line."""
+        try:
+            with open(self.path(where, f"{queue_id}.env"), "rb") as f:
+                return Envelope.from_json(read_small(f), queue_id)
+        except FileNotFoundError:
+            pass
+        with open(self.path(where, f"{queue_id}.msg"), "rb") as f:
+            line = f.readline(SMALL_FILE_MAX)
+            if not line.startswith(ENVELOPE_LINE) or not line.endswith(b"\r\n"):
+                raise ValueError("its first line is no envelope")
+            envelope = Envelope.from_json(line[len(ENVELOPE_LINE):], queue_id)
+            envelope.size = os.fstat(f.fileno()).st_size - len(line)
+            return envelope
 
     def forget_old_failures(self, now):
         for envelope in self.load("failed"):
             if now - (envelope.failed_at or envelope.arrived) > FAILED_KEPT:
-                remove_quietly(self.path("failed", f"{envelope.id}.env"))
                 remove_quietly(self.path("failed", f"{envelope.id}.msg"))
+                remove_quietly(self.path("failed", f"{envelope.id}.env"))
 
-    def message(self, envelope):
-        return self.path("queued", f"{envelope.id}.msg")
+    def open_message(self, envelope):
+        """The queued message's text, from past its envelope's line."""
+        message = open(self.path("queued", f"{envelope.id}.msg"), "rb")
+        message.readline(SMALL_FILE_MAX)
+        return message
+
+
+def read_small(f):
+    raw = f.read(SMALL_FILE_MAX + 1)
+    if len(raw) > SMALL_FILE_MAX:
+        raise ValueError("too large")
+    return raw
 
 
 class DataReader:
     """Turns what follows DATA into the message's text.  The message ends only
     at CRLF.CRLF; dot-stuffing is undone; every bare CR or LF becomes CRLF, so a
     stored message has CRLF line ends only and nothing in it can end a message
-    early at the hoster (no SMTP smuggling)."""
+    early at the hoster (no SMTP smuggling).  Whole chunks at a time, in C:
+    lines are CRLF-ended, and the work is done on the run of complete lines."""
 
-    BARE_NEWLINE = re.compile(rb"[\r\n]")
+    NEWLINES = re.compile(rb"\r\n|\r|\n")
 
     def __init__(self):
         self.partial = b""        # the unfinished last line
@@ -2285,32 +2340,38 @@ class DataReader:
 
     def feed(self, chunk):
         """The message text in this chunk (a list of pieces)."""
-        lines = (self.partial + chunk).split(b"\r\n")
-        self.partial = lines.pop()
-        text = []
-        for i, line in enumerate(lines):
-            if not self.midline:
-                if line == b".":
-                    self.done = True
-                    self.leftover = b"\r\n".join(lines[i + 1:] + [self.partial])
-                    return text
-                if line.startswith(b"."):
-                    line = line[1:]
-            self.midline = False
-            text.append(self.normalize(line) + b"\r\n")
-        if len(self.partial) > DATA_LINE_PIECE:
-            keep = 1 if self.partial.endswith(b"\r") else 0    # maybe half a CRLF
-            piece, self.partial = self.partial[:len(self.partial) - keep], self.partial[-keep:] if keep else b""
-            if not self.midline and piece.startswith(b"."):
-                piece = piece[1:]
-            text.append(self.normalize(piece))
-            self.midline = True
-        return text
+        data = self.partial + chunk
+        end = data.rfind(b"\r\n")
+        if end < 0:
+            self.partial = data
+            return self.cut_long_line()
+        lead = b"" if self.midline else b"\r\n"   # a line starts here: unstuff it too
+        lines, self.partial = lead + data[:end + 2], data[end + 2:]
+        final = lines.find(b"\r\n.\r\n")
+        if final >= 0:
+            self.done = True
+            self.leftover = lines[final + 5:] + self.partial
+            lines = lines[:final + 2]
+        self.midline = False
+        text = [self.normalize(lines.replace(b"\r\n.", b"\r\n")[len(lead):])]
+        return text if self.done else text + self.cut_long_line()
 
-    def normalize(self, line):
-        if b"\r" in line or b"\n" in line:
-            return self.BARE_NEWLINE.sub(b"\r\n", line)
-        return line
+    def cut_long_line(self):
+        """Pass on most of a line that is too long to wait for its end."""
+        if len(self.partial) <= DATA_LINE_PIECE:
+            return []
+        keep = 1 if self.partial.endswith(b"\r") else 0    # maybe half a CRLF
+        piece, self.partial = self.partial[:len(self.partial) - keep], self.partial[len(self.partial) - keep:]
+        if not self.midline and piece.startswith(b"."):
+            piece = piece[1:]
+        self.midline = True
+        return [self.normalize(piece)]
+
+    def normalize(self, text):
+        crlf = text.count(b"\r\n")
+        if text.count(b"\r") == crlf and text.count(b"\n") == crlf:
+            return text
+        return self.NEWLINES.sub(b"\r\n", text)
 
 
 #: LineReader.readline's answer for a line longer than allowed.
@@ -2372,11 +2433,15 @@ def smtp_hostname():
 
 def received_line(helo, peer, host, queue_id, esmtp):
     """The Received: line minimail puts on top of a message it queues."""
-    from email.utils import formatdate
     helo = re.sub(r"[^\x21-\x7e]", "?", helo)[:100] or "unknown"
     return (f"Received: from {helo} ({peer})\r\n\tby {host} (minimail {__version__}) with "
-            f"{'ESMTP' if esmtp else 'SMTP'} id {queue_id};\r\n\t{formatdate(localtime=True)}"
+            f"{'ESMTP' if esmtp else 'SMTP'} id {queue_id};\r\n\t{rfc5322_date()}"
             f"\r\n").encode("ascii")
+
+
+def rfc5322_date():
+    """Now, as a mail's Date: wants it (time.strftime in the C locale: English)."""
+    return time.strftime("%a, %d %b %Y %H:%M:%S %z")
 
 
 #: The receiver's commands: verb -> Reception's method.
@@ -2402,16 +2467,15 @@ class Receiver:
         self.on_queued = on_queued           # the queue runner learns of the mail
 
     def serve(self, session, why):
-        log.info("client %s: the tunnel cannot be had (%s): the queue takes the mail",
-                 session.peer, why)
+        """The session's log line says why the queue took it (from `why`)."""
         reception = Reception(self, session)
         try:
             reception.run()
         except OSError as exc:               # a reset, or the idle timeout
-            session.end(f"queue: closed: {describe_error(exc)}")
+            session.end(f"queue ({why}): closed: {describe_error(exc)}")
         finally:
             reception.abandon_draft()
-        session.end(f"queue: {reception.queued} message(s) queued")
+        session.end(f"queue ({why}): {reception.queued} message(s) queued")
 
 
 class Reception:
@@ -2553,10 +2617,14 @@ class Reception:
         spool = self.receiver.spool
         try:
             self.draft = spool.draft()
-            self.draft.write(received_line(self.greeted_as, self.session.peer, self.receiver.hostname,
-                                           self.draft.id, self.esmtp))
         except OSError as exc:
             self.draft = FailedDraft(exc)
+        self.envelope = Envelope(self.draft.id, self.sender, self.recipients, time.time(), 0,
+                                 body=self.body, smtputf8=self.smtputf8,
+                                 next_try=time.time() + self.receiver.settings.queue_retry)
+        self.draft.write_envelope(self.envelope)
+        self.draft.write(received_line(self.greeted_as, self.session.peer, self.receiver.hostname,
+                                       self.draft.id, self.esmtp))
         reader = DataReader()
         while not reader.done:
             chunk = self.reader.read_some()
@@ -2579,12 +2647,11 @@ class Reception:
             draft.discard()
             log.warning("queue: cannot write a message: %s", draft.error.strerror)
             return self.send("452 4.3.1 minimail: the queue is out of space, try again later")
-        envelope = Envelope(draft.id, self.sender, self.recipients, time.time(), draft.size,
-                            body=self.body or ("8BITMIME" if draft.eight_bit else None),
-                            smtputf8=self.smtputf8,
-                            next_try=time.time() + self.receiver.settings.queue_retry)
+        envelope = self.envelope
+        envelope.size = draft.size
+        envelope.body = envelope.body or ("8BITMIME" if draft.eight_bit else None)
         try:
-            in_thread(self.receiver.spool.commit, draft, envelope)
+            in_thread(self.receiver.spool.commit, draft)
         except OSError as exc:
             log.warning("queue: cannot queue a message: %s", exc.strerror)
             return self.send("452 4.3.1 minimail: the queue is out of space, try again later")
@@ -2623,7 +2690,10 @@ class FailedDraft:
     its end all the same, then answered 452."""
 
     def __init__(self, error):
-        self.error, self.size, self.id = error, 0, None
+        self.error, self.size, self.id = error, 0, "-"
+
+    def write_envelope(self, envelope):
+        pass
 
     def write(self, data):
         self.size += len(data)
@@ -2661,6 +2731,7 @@ class QueueRunner:
         self.waiting = {}                 # queue ID -> Envelope, oldest first
         self.failed = 0                   # messages in failed/
         self.wake = Event()
+        self.wake_at = None               # when the runner's timer rings (None: it does not)
         self.everything = True            # deliver all, not only what is due
         self.delivering = False
         self.cleaned_at = 0.0
@@ -2668,9 +2739,11 @@ class QueueRunner:
     # -- what others tell it -------------------------------------------------
 
     def queued(self, envelope):
-        """The receiver queued a message: its first try comes at its next_try."""
+        """The receiver queued a message: its first try comes at its next_try
+        (the runner wakes only if its timer would ring later than that)."""
         self.waiting[envelope.id] = envelope
-        self.wake.set()                   # to set the runner's timer for it
+        if self.wake_at is None or envelope.next_try < self.wake_at:
+            self.wake.set()
         self.on_change()
 
     def flush(self):
@@ -2717,8 +2790,8 @@ class QueueRunner:
                 self.cleaned_at = time.time()
                 in_thread(self.spool.forget_old_failures, self.cleaned_at)
                 self.failed = len(self.spool.load("failed"))
-            next_try = min((e.next_try for e in self.waiting.values()), default=None)
-            self.wake.wait(None if next_try is None else max(0.0, next_try - time.time()))
+            self.wake_at = min((e.next_try for e in self.waiting.values()), default=None)
+            self.wake.wait(None if self.wake_at is None else max(0.0, self.wake_at - time.time()))
 
     def deliver(self, envelopes):
         """One connection through the tunnel for all these messages."""
@@ -2751,7 +2824,7 @@ class QueueRunner:
 
     def deliver_one(self, smtp, envelope):
         """One transaction: each recipient ends delivered, deferred or failed."""
-        with open(self.spool.message(envelope), "rb") as message:
+        with self.spool.open_message(envelope) as message:
             results = smtp.transaction(envelope, message)
         self.settle(envelope, results)
 
@@ -2810,17 +2883,18 @@ class QueueRunner:
             log.info("queue: %s: not bounced (it is a bounce, or has no sender): kept in failed/",
                      envelope.id)
             return
-        with open(self.spool.message(envelope), "rb") as message:
+        with self.spool.open_message(envelope) as message:
             header = read_header(message)
         text = make_bounce(envelope, failures, header, self.hostname, expired)
         draft = self.spool.draft()
-        draft.write(text)
-        notice = Envelope(draft.id, "", [envelope.sender], time.time(), draft.size,
-                          body="8BITMIME" if draft.eight_bit else None,
+        notice = Envelope(draft.id, "", [envelope.sender], time.time(), len(text),
+                          body=None if text.isascii() else "8BITMIME",
                           smtputf8=not envelope.sender.isascii(), bounce=True,
                           next_try=time.time())
+        draft.write_envelope(notice)
+        draft.write(text)
         try:
-            in_thread(self.spool.commit, draft, notice)
+            in_thread(self.spool.commit, draft)
         except OSError as exc:
             log.warning("queue: %s: cannot queue its bounce: %s", envelope.id, exc.strerror)
             return
@@ -2868,7 +2942,8 @@ class Hoster:
                 refusal = (553, "553 5.6.7 the hoster takes no non-ASCII addresses (no SMTPUTF8)")
                 return {r: refusal for r in envelope.recipients}
             options.append("SMTPUTF8")
-        if envelope.body == "8BITMIME" and smtp.has_extn("8bitmime"):
+        if smtp.has_extn("8bitmime") and (envelope.body == "8BITMIME" or
+                                          (envelope.body is None and eight_bit(message))):
             options.append("BODY=8BITMIME")
         if smtp.has_extn("size"):
             options.append(f"SIZE={envelope.size}")
@@ -2916,6 +2991,21 @@ class Hoster:
             self.smtp.quit()
         except OSError:
             pass
+
+
+def eight_bit(message):
+    """Whether the rest of an open message has 8-bit bytes; it is read again from
+    where it was (an envelope from a message's first line does not say)."""
+    start = message.tell()
+    try:
+        while True:
+            chunk = message.read(CHUNK_SIZE)
+            if not chunk:
+                return False
+            if not chunk.isascii():
+                return True
+    finally:
+        message.seek(start)
 
 
 def reply_text(code, text):
@@ -3469,6 +3559,16 @@ def open_relay_warning(sock):
             f"localhost (an open relay); listen on 127.0.0.1 unless a firewall keeps others out")
 
 
+def listen_mismatch(sock, settings):
+    """A warning when the socket systemd passed is not where --listen says: the
+    sendmail command submits to --listen."""
+    where, told = describe_socket(sock), settings.describe_listen()
+    if where == told:
+        return None
+    return (f"listening on {where}, the socket systemd passed, not on {told} (--listen): "
+            f"the sendmail command submits to --listen; make them the same, or leave --listen out")
+
+
 TUNNEL_DIR = re.compile(r"minimail-tunnel-(\d+)-\w{8}")
 
 
@@ -3556,7 +3656,7 @@ def start(settings, foreground):
     if pidfile and daemon_pid(pidfile):
         raise Fatal(f"already running (pid {daemon_pid(pidfile)}, pid file {pidfile})")
     listener = inherited_listener() or bind(settings)
-    warnings = [w for w in (open_relay_warning(listener),
+    warnings = [w for w in (open_relay_warning(listener), listen_mismatch(listener, settings),
                             raise_open_files_limit(settings.max_clients)) if w]
     if pidfile:
         prepare_directory(os.path.dirname(pidfile), user, 0o755)
@@ -3861,6 +3961,10 @@ def show_queue(directory, as_json):
     try:
         queued, failed = spool.load("queued"), spool.load("failed")
     except FileNotFoundError:
+        if not as_json:
+            print(f"there is no queue in {directory} (yet): no mail has waited there; another "
+                  f"place is named with --queue (the service's: /var/lib/minimail/queue)")
+            return 0
         queued = failed = []
     except PermissionError:
         try:
@@ -3907,8 +4011,8 @@ def flush(pidfile):
     """Ask the running daemon to deliver its queue now (SIGUSR1)."""
     pid = daemon_pid(pidfile)
     if pid is None:
-        print("minimail is not running: nothing would deliver the queue (minimail start)",
-              file=sys.stderr)
+        print("minimail is not running: nothing would deliver the queue (start it: minimail "
+              "start, or systemctl start minimail)", file=sys.stderr)
         return 1
     try:
         os.kill(pid, signal.SIGUSR1)
@@ -4321,7 +4425,7 @@ def completed_header(header, sender, full_name, hostname):
     names = {name for name, _ in fields(header)}
     added = []
     if "date" not in names:
-        added.append(f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S %z')}")  # C locale: English
+        added.append(f"Date: {rfc5322_date()}")
     if "message-id" not in names:
         added.append(f"Message-ID: <{time.time_ns()}.{os.getpid()}.{os.urandom(4).hex()}"
                      f"@{hostname}>")

@@ -508,7 +508,8 @@ def test_socket_activation_and_readiness_for_systemd(sshd, hoster, tmp_path):
         proc = subprocess.Popen(
             [activate, "-l", f"127.0.0.1:{port}", "-E", f"NOTIFY_SOCKET={notify_path}",
              sys.executable, MINIMAIL, "--foreground", *AS_ROOT, "--listen", "127.0.0.1:1",
-             "--ssh", sshd.ssh, "--remote", f"127.0.0.1:{hoster.port}", "hoster"],
+             "--queue", tmp_path / "queue", "--ssh", sshd.ssh, "--remote",
+             f"127.0.0.1:{hoster.port}", "hoster"],
             stdout=log, stderr=log)
     try:
         wait_until(lambda: b"Listening on" in (tmp_path / "minimail.log").read_bytes(), 10,
@@ -520,6 +521,9 @@ def test_socket_activation_and_readiness_for_systemd(sshd, hoster, tmp_path):
             environment = Path(f"/proc/{ssh_pid}/environ").read_bytes().split(b"\0")
         assert hoster.bodies() == [make_message("activated")]
         assert not any(v.startswith((b"LISTEN_", b"NOTIFY_SOCKET")) for v in environment)
+        assert (f"listening on 127.0.0.1:{port}, the socket systemd passed, not on 127.0.0.1:1 "
+                f"(--listen): the sendmail command submits to --listen").encode() in \
+            (tmp_path / "minimail.log").read_bytes()
         proc.send_signal(signal.SIGTERM)
         assert notify.recv(4096) == b"STOPPING=1"
         assert proc.wait(timeout=15) == 0
@@ -538,6 +542,7 @@ def test_a_capability_granted_for_the_port_does_not_pass_on_to_the_tunnel(tunnel
         proc = subprocess.Popen(
             [setpriv, "--inh-caps", "+net_bind_service", "--ambient-caps", "+net_bind_service",
              sys.executable, MINIMAIL, "--foreground", *AS_ROOT, "--listen", f"127.0.0.1:{port}",
+             "--no-queue",
              *map(str, tunnel_script("echo", 0, "{port}"))], stderr=log)
     try:
         wait_until(lambda: b"listening on" in (tmp_path / "minimail.log").read_bytes(), 10, "minimail")

@@ -183,7 +183,7 @@ def test_a_kill_9_loses_no_mail_that_got_250_and_keeps_none_that_did_not(
             while (line := reader.readline())[3:4] == b"-":
                 pass
             assert line[:1] in (b"2", b"3")
-        client.sendall(make_message("half", size=200_000)[:100_000])   # mid-DATA...
+        client.sendall(make_message("half", size=3_000_000)[:1_500_000])   # mid-DATA...
         wait_until(lambda: os.listdir(queue / "tmp"), 10, "the draft to be written")
         first.proc.kill()                                   # ...kill -9
         first.proc.wait()
@@ -222,9 +222,8 @@ def test_a_full_disk_answers_452_and_keeps_nothing_half_written(queueing, hoster
         filler.unlink()                                     # space again
         code, reply = submit(mm.port, make_message("fits-now", size=600_000))
         assert code == 250
-        assert spool_files(small / "queue")["queued"] == [f"{queued_as(reply)}.env",
-                                                          f"{queued_as(reply)}.msg"]
-        assert "queue: cannot write a message: No space left on device" in mm.log()
+        assert spool_files(small / "queue")["queued"] == [f"{queued_as(reply)}.msg"]
+        assert re.search(r"queue: cannot (write|queue) a message: No space left on device", mm.log())
         assert mm.stop() == 0
     finally:
         subprocess.run(["umount", "-l", str(small)], capture_output=True)
@@ -293,7 +292,7 @@ def test_mail_older_than_the_queue_lifetime_bounces_as_expired(queueing, hoster_
     dsn, = bounces(hoster, "me@hoster.example")
     assert "Status: 4.4.7" in dsn.content.decode() and "not delivered in" in dsn.content.decode()
     assert not [m for m in hoster.messages if m.mail_from == "me@hoster.example"]
-    assert spool_files(mm.queue)["failed"] == [f"{queue_id}.env", f"{queue_id}.msg"]
+    assert spool_files(mm.queue)["failed"] == [f"{queue_id}.env", f"{queue_id}.msg"]  # + its end
 
 
 def test_a_bounce_is_never_bounced(queueing, hoster_reachable, hoster):
@@ -490,7 +489,8 @@ def test_queue_flush_and_status_show_and_steer_the_queue(queueing, hoster_reacha
 def test_flush_without_a_daemon_says_so(tmp_path):
     result = minimail_command("flush", "--pidfile", tmp_path / "minimail.pid")
     assert result.returncode == 1
-    assert result.stderr == "minimail is not running: nothing would deliver the queue (minimail start)\n"
+    assert result.stderr == ("minimail is not running: nothing would deliver the queue (start it: "
+                             "minimail start, or systemctl start minimail)\n")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
@@ -543,4 +543,4 @@ def test_a_draining_minimail_refuses_even_with_a_queue(queueing, hoster_reachabl
     held.command("QUIT")
     held.close()
     assert mm.proc.wait(timeout=15) == 0
-    assert len(os.listdir(mm.queue / "queued")) == 2       # kept for the next start
+    assert len(os.listdir(mm.queue / "queued")) == 1       # kept for the next start

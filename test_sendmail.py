@@ -149,16 +149,20 @@ def test_with_the_hoster_away_the_mail_waits_in_the_queue(own_sshd, hoster, mini
     own_sshd.stop()
     try:
         mm = minimail_via(own_sshd, hoster, minimail_process, 30)("--queue-retry", 0.5)
-        result = sendmail(mm.port, "-i", "root")
+        settings = (f"MINIMAIL_OPTIONS=--listen 127.0.0.1:{mm.port} --queue {mm.queue}\n"
+                    f"MINIMAIL_SENDER={SENDER}\nMINIMAIL_ADMIN={ADMIN}\n")
+        result = sendmail(mm.port, "-i", "root", settings=settings)
         assert (result.returncode, result.stderr) == (0, b"")    # queued counts as accepted
         assert hoster.messages == []
+        listing = sendmail(mm.port, name="mailq", message="", settings=settings)
+        assert listing.returncode == 0                          # invoked as mailq: the queue
+        assert re.search(rf"^queue in {mm.queue}: 1 message\(s\) waiting, 0 failed\n"
+                         rf"[0-9A-F]{{16}}  \d+ s old  \d+ bytes  from <{SENDER}>  to 1: <{ADMIN}>",
+                         listing.stdout.decode())
     finally:
         own_sshd.start()
     wait_until(lambda: hoster.messages, 15, "the queue to deliver it")
     assert hoster.messages[0].rcpt_tos == [ADMIN]
-    listing = sendmail(mm.port, name="mailq", message="")     # invoked as mailq
-    assert listing.returncode == 0
-    assert listing.stdout.decode().startswith("queue in ")
 
 
 def test_a_refused_recipient_exits_67_quoting_the_reply(through_ssh, hoster, sendmail):

@@ -9,6 +9,7 @@ have to wait seconds.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import time
 import gevent
 import pytest
 from docopt import docopt
+from hypothesis import given, settings, strategies as st
 
 import minimail
 from minimail import Action, Facts, Phase, Plan, decide
@@ -288,6 +290,46 @@ def test_the_end_marker_split_across_chunks():
     assert reader.done and text == b"a\r\n" and reader.leftover == b"NOOP\r\n"
     text, reader = read_data(b".\r\n")
     assert reader.done and text == b""                 # an empty message
+
+
+def reference_data(raw):
+    """The DATA rules line by line, as RFC 5321 puts them: (text, leftover) or
+    None if the end never comes."""
+    lines, text = raw.split(b"\r\n"), []
+    for i, line in enumerate(lines[:-1]):
+        if line == b".":
+            return b"".join(text), b"\r\n".join(lines[i + 1:])
+        line = line[1:] if line.startswith(b".") else line
+        text.append(re.sub(rb"\r\n|\r|\n", b"\r\n", line) + b"\r\n")
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"..", b"\r\n.\r\n", b"x" * 7]),
+                max_size=40), st.lists(st.integers(1, 12), min_size=1, max_size=8))
+def test_the_data_reader_keeps_the_rules_whatever_the_chunks(pieces, cuts):
+    raw = b"".join(pieces) + b"\r\n.\r\nNOOP\r\n"
+    chunks, offset = [], 0
+    for cut in cuts * 20:
+        if offset >= len(raw):
+            break
+        chunks.append(raw[offset:offset + cut])
+        offset += cut
+    chunks.append(raw[offset:])
+    text, reader = read_data(*chunks)
+    assert reader.done
+    assert (text, reader.leftover + b"".join(chunks[len(read_chunks(chunks, reader)):])) == \
+        reference_data(raw)
+
+
+def read_chunks(chunks, reader):
+    """The chunks a finished reader took (it stops at the one with the end)."""
+    replay = minimail.DataReader()
+    for i, chunk in enumerate(chunks):
+        replay.feed(chunk)
+        if replay.done:
+            return chunks[:i + 1]
+    return chunks
 
 
 @pytest.mark.parametrize("argument, expected", [
