@@ -1047,8 +1047,12 @@ class Supervisor:
             self.wake.set()
 
     def left(self):
-        """A client is done with the tunnel; the last one starts the countdown."""
-        self.post("left")
+        """A client is done with the tunnel; the last one starts the countdown.
+        With no tunnel there is no countdown: the supervisor learns of it at
+        its next step."""
+        self.inbox.append(("left",))
+        if self.child is not None:
+            self.wake.set()
 
     def report_stale(self, child):
         """A client found this child silent: replace it."""
