@@ -2121,9 +2121,10 @@ class Draft:
     pool.  Its ID is unique by its time, its random part and O_EXCL (the
     commit's link refuses one that a queued message has)."""
 
-    def __init__(self, spool):
+    def __init__(self, spool, limit=None):
         self.id = new_queue_id()
         self.path = spool.path("tmp", f"{self.id}.msg")
+        self.limit = limit            # past this size nothing more is kept
         self.fd = None
         self.size = 0                 # of the message, without the envelope's line
         self.eight_bit = False
@@ -2135,8 +2136,8 @@ class Draft:
 
     def write(self, data):
         self.size += len(data)
-        if self.error is not None:
-            return
+        if self.error is not None or (self.limit is not None and self.size > self.limit):
+            return                    # counted, not kept: it gets 452 or 552
         self.eight_bit = self.eight_bit or not data.isascii()
         self.pending.append(data)
         self.pending_size += len(data)
@@ -2231,8 +2232,8 @@ class Spool:
                                 printable(name, 40))
                     remove_quietly(self.path(where, name))
 
-    def draft(self):
-        return Draft(self)
+    def draft(self, limit=None):
+        return Draft(self, limit)
 
     def commit(self, draft):
         """Make a draft a queued message, durably (blocking: run in_thread):
@@ -2294,12 +2295,14 @@ class Spool:
 
     def envelope(self, where, queue_id):
         """A message's envelope: its ID.env if there is one, else its first line."""
+        if not QUEUE_ID.fullmatch(queue_id):
+            raise ValueError("not a queue ID")
         try:
-            with open(self.path(where, f"{queue_id}.env"), "rb") as f:
+            with open_own_file(self.path(where, f"{queue_id}.env")) as f:
                 return Envelope.from_json(read_small(f), queue_id)
         except FileNotFoundError:
             pass
-        with open(self.path(where, f"{queue_id}.msg"), "rb") as f:
+        with open_own_file(self.path(where, f"{queue_id}.msg")) as f:
             line = f.readline(SMALL_FILE_MAX)
             if not line.startswith(ENVELOPE_LINE) or not line.endswith(b"\r\n"):
                 raise ValueError("its first line is no envelope")
@@ -2315,9 +2318,20 @@ class Spool:
 
     def open_message(self, envelope):
         """The queued message's text, from past its envelope's line."""
-        message = open(self.path("queued", f"{envelope.id}.msg"), "rb")
+        message = open_own_file(self.path("queued", f"{envelope.id}.msg"))
         message.readline(SMALL_FILE_MAX)
         return message
+
+
+def open_own_file(path):
+    """Open a file of minimail's (in the queue, the state file) for reading:
+    never through a link, never a FIFO or a device (its directory belongs to
+    the daemon's user; root may be the reader)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError("not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 def read_small(f):
@@ -2619,10 +2633,7 @@ class Reception:
     def receive(self):
         """Read the message into a draft, then queue it durably: 250 only then."""
         spool = self.receiver.spool
-        try:
-            self.draft = spool.draft()
-        except OSError as exc:
-            self.draft = FailedDraft(exc)
+        self.draft = spool.draft(self.receiver.settings.max_size)
         self.envelope = Envelope(self.draft.id, self.sender, self.recipients, time.time(), 0,
                                  body=self.body, smtputf8=self.smtputf8,
                                  next_try=time.time() + self.receiver.settings.queue_retry)
@@ -2687,23 +2698,6 @@ class Reception:
     def quit(self, argument):
         self.send("221 2.0.0 bye")
         return "QUIT"
-
-
-class FailedDraft:
-    """Stands in for a draft that could not even be created: DATA is read to
-    its end all the same, then answered 452."""
-
-    def __init__(self, error):
-        self.error, self.size, self.id = error, 0, "-"
-
-    def write_envelope(self, envelope):
-        pass
-
-    def write(self, data):
-        self.size += len(data)
-
-    def discard(self):
-        pass
 
 
 def parse_path(keyword, argument):
@@ -3466,9 +3460,8 @@ def read_state(pidfile):
     directory the daemon's user owns: never trusted); {} if unreadable."""
     import json
     try:
-        with open(state_path(pidfile), "rb") as f:
-            raw = f.read(SMALL_FILE_MAX + 1)
-        data = json.loads(raw) if len(raw) <= SMALL_FILE_MAX else None
+        with open_own_file(state_path(pidfile)) as f:
+            data = json.loads(read_small(f))
     except (OSError, ValueError):
         return {}
     return checked(data, STATE_SCHEMA) if isinstance(data, dict) else {}

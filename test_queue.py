@@ -544,3 +544,27 @@ def test_a_draining_minimail_refuses_even_with_a_queue(queueing, hoster_reachabl
     held.close()
     assert mm.proc.wait(timeout=15) == 0
     assert len(os.listdir(mm.queue / "queued")) == 1       # kept for the next start
+
+
+def test_hostile_files_in_the_queue_are_left_alone_and_never_followed(tmp_path):
+    queue = tmp_path / "queue"
+    for where in ("tmp", "queued", "failed"):
+        (queue / where).mkdir(parents=True)
+    secret = tmp_path / "secret.json"                    # a file of root's the user may not read
+    secret.write_text('{"id": "0661A1B8F0C3E2A7", "sender": "leaked@secret"}')
+    queued = queue / "queued"
+    (queued / "0661A1B8F0C3E2A7.env").symlink_to(secret)
+    (queued / "0661A1B8F0C3E2A7.msg").write_bytes(b"MINIMAIL-ENVELOPE {}\r\n")
+    (queued / "0661A1B8F0C3E2A8.msg").symlink_to("/etc/shadow")
+    os.mkfifo(queued / "0661A1B8F0C3E2A9.msg")
+    (queued / "0661A1B8F0C3E2AA.msg").write_bytes(b"Subject: no envelope line\r\n\r\nx\r\n")
+    (queued / "0661A1B8F0C3E2AB.msg").write_bytes(b"MINIMAIL-ENVELOPE " + b"[" * 200_000 + b"\r\n")
+    (queued / "..%2F..%2Fetc.msg").write_bytes(b"")
+    listing = minimail_command("queue", "--queue", queue, timeout=20)
+    assert listing.returncode == 0 and "Traceback" not in listing.stderr
+    assert listing.stdout.startswith(f"queue in {queue}: 0 message(s) waiting, 0 failed\n")
+    assert "leaked" not in listing.stdout + listing.stderr and "root:" not in listing.stderr
+    complaints = listing.stderr.splitlines()
+    assert len(complaints) == 5 and all("has no valid envelope" in c and "left alone" in c
+                                        for c in complaints)      # the odd name: not a message
+    assert json.loads(minimail_command("queue", "--json", "--queue", queue).stdout)["messages"] == []
