@@ -280,6 +280,16 @@ def sshd(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def own_sshd(tmp_path_factory):
+    """An sshd for one test module alone, for tests that stop it, freeze its
+    connections or restart it (the other modules' sshd stays untouched)."""
+    server = Sshd(tmp_path_factory.mktemp("own-sshd"))
+    yield server
+    server.proc.kill()
+    server.proc.wait()
+
+
 @pytest.fixture
 def hoster():
     server = Hoster()

@@ -27,16 +27,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import (
-    Minimail, Sshd, descendants, free_port, make_message, minimail_command, minimail_via,
+    Minimail, descendants, free_port, make_message, minimail_command, minimail_via,
     read_until_eof, send_mail, ssh_config_with_key, start_daemon, wait_until)
-
-
-@pytest.fixture(scope="module")
-def own_sshd(tmp_path_factory):
-    """An sshd for this module alone: its per-connection processes get stopped here."""
-    server = Sshd(tmp_path_factory.mktemp("faults-sshd"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture

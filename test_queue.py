@@ -21,16 +21,8 @@ import time
 import pytest
 
 from conftest import (
-    SWAKS, Minimail, Sshd, free_port, make_message, minimail_command, minimail_via, need,
+    SWAKS, Minimail, free_port, make_message, minimail_command, minimail_via, need,
     send_mail, wait_until)
-
-
-@pytest.fixture(scope="module")
-def own_sshd(tmp_path_factory):
-    """An sshd for this module alone: it is stopped and started again here."""
-    server = Sshd(tmp_path_factory.mktemp("queue-sshd"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -337,6 +329,14 @@ class Dialogue:
         self.sock.close()
 
 
+def greeted_dialogue(port):
+    """A Dialogue past the greeting and EHLO."""
+    talk = Dialogue(port)
+    talk.reply()
+    talk.command("EHLO desktop.example")
+    return talk
+
+
 def test_the_queue_speaks_smtp_as_a_server_should(queueing, hoster_reachable):
     hoster_reachable(False)
     mm = queueing("--max-size", 100_000, "--idle-timeout", 2)
@@ -398,9 +398,7 @@ def test_smuggling_and_bare_line_ends_deliver_exactly_the_messages_sent(queueing
                                                                         hoster_reachable, hoster):
     hoster_reachable(False)
     mm = queueing()
-    talk = Dialogue(mm.port)
-    talk.reply()
-    talk.command("EHLO desktop.example")
+    talk = greeted_dialogue(mm.port)
     for i, payload in enumerate(SMUGGLING):
         talk.command("MAIL FROM:<cron@desktop.example>")
         talk.command("RCPT TO:<admin@hoster.example>")
@@ -428,9 +426,7 @@ def test_pipelining_nul_bytes_8bit_text_and_20_mb_go_through_the_queue(queueing,
                                                                        hoster_reachable, hoster):
     hoster_reachable(False)
     mm = queueing()
-    talk = Dialogue(mm.port)
-    talk.reply()
-    talk.command("EHLO desktop.example")
+    talk = greeted_dialogue(mm.port)
     talk.sock.sendall(b"MAIL FROM:<cron@desktop.example> BODY=8BITMIME\r\n"
                       b"RCPT TO:<admin@hoster.example>\r\nRCPT TO:<root@hoster.example>\r\nDATA\r\n")
     replies = [talk.reply() for _ in range(4)]

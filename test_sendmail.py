@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (
-    AS_ROOT, Sshd, free_port, make_message, minimail_command, minimail_via, need, wait_until)
+    AS_ROOT, free_port, make_message, minimail_command, minimail_via, need, wait_until)
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "minimail"
 SENDER, ADMIN = "me@desktop.example", "admin@hoster.example"
@@ -233,10 +233,3 @@ def test_the_daemon_takes_its_settings_from_the_same_file(sshd, hoster, sendmail
         daemon.terminate()
         assert daemon.wait(timeout=15) == 0
 
-
-@pytest.fixture(scope="module")
-def own_sshd(tmp_path_factory):
-    """An sshd for this module alone: one test stops it for a while."""
-    server = Sshd(tmp_path_factory.mktemp("sendmail-sshd"))
-    yield server
-    server.stop()
