@@ -1794,6 +1794,8 @@ class Forwarder:
         must speak within --greeting-wait, unless the tunnel carried bytes for
         someone else meanwhile (a slow server is not a dead tunnel)."""
         client, upstream, child = session.client, session.upstream, session.child
+        if peek(upstream):                          # it has spoken already (a crowd)
+            return Greeting.HEARD
         settings, now = self.settings, time.monotonic()
         stale_at = now + settings.greeting_wait if warm and settings.greeting_wait else None
         idle_at = now + settings.idle_timeout if settings.idle_timeout else None
