@@ -313,6 +313,24 @@ def minimail_process(tmp_path):
         assert process.tunnels() == [], "a tunnel process outlived minimail"
 
 
+@pytest.fixture
+def minimail_to_kill(tmp_path):
+    """Start minimail for a test that kills it (kill -9): whatever still runs
+    at the end is killed, so a failing test leaves nothing behind."""
+    started = []
+
+    def start(*args):
+        process = Minimail([str(a) for a in args], tmp_path / f"killed-{len(started)}.log")
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.proc.poll() is None:
+            process.proc.kill()
+            process.proc.wait()
+
+
 def minimail_via(sshd, hoster, minimail_process, linger):
     """A function that starts minimail in front of sshd, tunnelling to the hoster:
     start(*args, linger=linger, remote=None, ssh=None), where remote and ssh replace

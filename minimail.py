@@ -457,6 +457,10 @@ def explain_usage_error(argv, complaint):
     except UsageError as exc:
         return str(exc)
     given = {name for name, _ in options}
+    twice = [name for name in given if name != "-o" and
+             sum(1 for other, _ in options if other == name) > 1]
+    if twice:
+        return f"{twice[0]} is given twice"
     if complaint and not complaint.startswith("Warning:"):
         return complaint                      # e.g. "--listen requires argument"
     positional = [w for w in positional if w not in COMMANDS]
@@ -608,8 +612,6 @@ class Settings:
             return f"{shlex.join(self.tunnel_command)} on 127.0.0.1:{self.tunnel_port}"
         return f"ssh {self.destination} to {self.remote}"
 
-    def listens_on_loopback(self):
-        return ipaddress.ip_address(self.listen[1]).is_loopback
 
 
 def ssh_argv(ssh, options, forward, destination, session):
@@ -1547,20 +1549,23 @@ def describe_error(exc):
 
 
 def reply(client, line):
-    """Send one SMTP reply line and close our side without resetting the client.
+    """Send one SMTP reply line and close our side without resetting the client;
+    the bytes sent.
 
     What the client still sends is read and dropped for a moment, so that
     closing with unread data does not turn into a reset that eats the reply.
     """
     from gevent import Timeout
+    data = smtp_reply_line(line)
     try:
-        client.sendall(smtp_reply_line(line))
+        client.sendall(data)
         client.shutdown(socket.SHUT_WR)
         with Timeout(REPLY_LINGER, False):
             while client.recv(4096):
                 pass
     except OSError:
-        pass
+        return 0
+    return len(data)
 
 
 class Greeting(enum.Enum):
@@ -1732,7 +1737,9 @@ class Forwarder:
         the queue takes its mail, or it gets 421.  Every 421 is written here."""
         if len(self.sessions) > self.settings.max_clients:
             session.end("refused: too many clients")
-            return reply(session.client, "421 4.3.2 minimail: too many clients, try again later")
+            session.received.count += reply(session.client, "421 4.3.2 minimail: too many "
+                                                            "clients, try again later")
+            return
         self.served += 1
         self.on_change()
         if session.client.family != socket.AF_UNIX:
@@ -1746,8 +1753,8 @@ class Forwarder:
             why = str(exc)
         except OutOfDescriptors:
             session.end("421: out of file descriptors")
-            reply(session.client, "421 4.3.2 minimail: too busy (out of file descriptors), "
-                                  "try again later")
+            session.received.count += reply(session.client, "421 4.3.2 minimail: too busy (out "
+                                                            "of file descriptors), try again later")
             return
         except ClientGone:
             session.end("client left before the tunnel was up")
@@ -1759,7 +1766,7 @@ class Forwarder:
             self.receiver.serve(session, why)
         else:
             session.end(f"421: {why}")
-            reply(session.client, f"421 4.4.0 minimail: {why}")
+            session.received.count += reply(session.client, f"421 4.4.0 minimail: {why}")
 
     def connect(self, session, exclude=None):
         return self.supervisor.connect(self.settings.wait, exclude,
@@ -2099,6 +2106,8 @@ class Envelope:
                 value = data[name] = float(value)
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise ValueError(f"{name} is not {kind}")
+            if isinstance(value, (int, float)) and not 0 <= value < 1e15:   # NaN too
+                raise ValueError(f"{name} is out of range")
         if data["id"] != expected_id or not QUEUE_ID.fullmatch(expected_id):
             raise ValueError("the id does not match the file name")
         addresses = [data["sender"], *data["recipients"], *(f[0] for f in data["failures"]
@@ -2215,14 +2224,16 @@ class Spool:
         self.root = root
         self.syncs = {where: DirectorySync(self.path(where)) for where in ("queued", "failed")}
 
-    def path(self, where, name=""):
-        return os.path.join(self.root, where, name)
+    def path(self, where, name=None):
+        return os.path.join(self.root, where, name) if name else os.path.join(self.root, where)
 
     def prepare(self):
-        """Make the subdirectories; remove what an interrupted write left."""
-        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        """Make the subdirectories; remove what an interrupted write left.  The
+        queue and its subdirectories must be ours and closed to others (and the
+        subdirectories no links): minimail removes and writes files in them."""
+        private_directory(self.root, follow=True)
         for where in SPOOL_DIRS:
-            os.makedirs(self.path(where), mode=0o700, exist_ok=True)
+            private_directory(self.path(where))
         for name in os.listdir(self.path("tmp")):
             remove_quietly(self.path("tmp", name))
         for where in ("queued", "failed"):
@@ -2325,6 +2336,25 @@ class Spool:
         return message
 
 
+def private_directory(path, follow=False):
+    """Make path a directory of ours (0700) if it is missing, and refuse one
+    that is a link (unless follow), not ours, or writable by others."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.stat(path) if follow else os.lstat(path)
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    if not stat.S_ISDIR(st.st_mode):
+        raise Fatal(f"{path} is not a directory (a link?): refusing to keep the queue there")
+    if st.st_uid != os.geteuid():
+        raise Fatal(f"{path} belongs to {owner_name(st.st_uid)}, not to {me}: refusing to keep "
+                    f"the queue there")
+    if st.st_mode & 0o022:
+        raise Fatal(f"{path} may be written by others (mode {stat.S_IMODE(st.st_mode):04o}): "
+                    f"refusing to keep the queue there")
+
+
 def open_own_file(path):
     """Open a file of minimail's (in the queue, the state file) for reading:
     never through a link, never a FIFO or a device (its directory belongs to
@@ -2399,14 +2429,26 @@ LINE_TOO_LONG = "line too long"
 
 
 class LineReader:
-    """Reads a client's command lines (after the bytes it sent early), bounded."""
+    """Reads a client's command lines (after the bytes it sent early), bounded
+    in size and time: a whole command line must come within `idle` seconds
+    (so a client that sends a byte now and then is cut all the same), and
+    each piece of a message's text within `idle` of the one before."""
 
-    def __init__(self, sock, early, flow):
+    def __init__(self, sock, early, flow, idle):
         self.sock = sock
         self.buffer = bytearray(early)
         self.flow = flow
+        self.idle = idle or None
 
-    def fill(self):
+    def fill(self, deadline=None):
+        """Read more; socket.timeout when nothing comes in time."""
+        if deadline is None:
+            self.sock.settimeout(self.idle)
+        else:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("timed out")
+            self.sock.settimeout(left)
         chunk = self.sock.recv(65536)
         self.flow.count += len(chunk)
         self.buffer += chunk
@@ -2416,6 +2458,7 @@ class LineReader:
         """A line without its line end; None at the end of input; LINE_TOO_LONG
         for a line over `limit` bytes (read to its end and dropped)."""
         too_long = False
+        deadline = None if self.idle is None else time.monotonic() + self.idle
         while True:
             end = self.buffer.find(b"\n")
             if end >= 0:
@@ -2427,7 +2470,7 @@ class LineReader:
             if len(self.buffer) > limit:
                 too_long = True
                 self.buffer.clear()
-            if not self.fill():
+            if not self.fill(deadline):
                 return None
 
     def has_line(self):
@@ -2491,11 +2534,12 @@ class Receiver:
         reception = Reception(self, session)
         try:
             reception.run()
-        except OSError as exc:               # a reset, or the idle timeout
-            session.end(f"queue ({why}): closed: {describe_error(exc)}")
+        except OSError as exc:               # a reset
+            reception.outcome = f"closed: {describe_error(exc)}"
         finally:
             reception.abandon_draft()
-        session.end(f"queue ({why}): {reception.queued} message(s) queued")
+        session.end(f"queue ({why}): {reception.queued} message(s) queued"
+                    + (f"; {reception.outcome}" if reception.outcome else ""))
 
 
 class Reception:
@@ -2504,12 +2548,13 @@ class Reception:
     def __init__(self, receiver, session):
         self.receiver = receiver
         self.session = session
-        session.client.settimeout(receiver.settings.idle_timeout or None)
-        self.reader = LineReader(session.client, session.kept, session.sent)
+        self.reader = LineReader(session.client, session.kept, session.sent,
+                                 receiver.settings.idle_timeout)
         self.out = []
         self.greeted_as = None           # the client's EHLO or HELO name
         self.esmtp = False
         self.queued = 0
+        self.outcome = None              # how the session ended, if not by QUIT
         self.draft = None
         self.reset()
 
@@ -2527,6 +2572,7 @@ class Reception:
         if self.out:
             data = b"".join(self.out)
             self.out = []
+            self.session.client.settimeout(self.reader.idle)
             self.session.client.sendall(data)
             self.session.received.count += len(data)
 
@@ -2548,7 +2594,7 @@ class Reception:
                     return
         except (socket.timeout, Timeout):
             self.send("421 4.4.2 minimail: idle too long, closing")
-            self.session.end(f"queue: closed: idle for {self.receiver.settings.idle_timeout:g} s")
+            self.outcome = f"closed: idle for {self.receiver.settings.idle_timeout:g} s"
         finally:
             try:
                 self.flush()
@@ -2646,7 +2692,7 @@ class Reception:
         while not reader.done:
             chunk = self.reader.read_some()
             if not chunk:
-                self.session.end("queue: the client left in the middle of DATA")
+                self.outcome = "the client left in the middle of DATA"
                 return "QUIT"
             for piece in reader.feed(chunk):
                 self.draft.write(piece)
@@ -2850,7 +2896,7 @@ class QueueRunner:
         envelope.recipients = list(still_to_do)
         if still_to_do:
             envelope.attempts += 1
-            delay = min(RETRY_MAX, self.settings.queue_retry * 2 ** (envelope.attempts - 1))
+            delay = retry_delay(envelope.attempts, self.settings.queue_retry)
             envelope.next_try = time.time() + delay
             envelope.last_reply = printable(last_reply or "", 300) or None
             in_thread(self.spool.save, envelope)
@@ -2900,6 +2946,12 @@ class QueueRunner:
             return
         self.waiting[notice.id] = notice
         log.info("queue: %s: bounced as %s", envelope.id, notice.id)
+
+
+def retry_delay(attempts, first):
+    """Seconds until a queued mail's next try after its n-th: first, twice that,
+    and so on, at most RETRY_MAX (whatever n, even from a hostile envelope)."""
+    return min(RETRY_MAX, first * 2 ** min(max(attempts, 1) - 1, 30))
 
 
 def smtp_error(exc):
@@ -3439,12 +3491,13 @@ class StateFile:
         import json
         self.pending = None
         temporary = f"{self.path}.tmp"
+        text = json.dumps(self.describe(), indent=1)
         try:
             remove_quietly(temporary)
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "w") as f:
-                json.dump(self.describe(), f, indent=1)
+                f.write(text)
             os.replace(temporary, self.path)
         except OSError as exc:
             if not self.failed:
@@ -3548,10 +3601,16 @@ def describe_socket(sock):
     return address if isinstance(address, str) else format_peer(address)
 
 
+def is_loopback(text):
+    """Whether an IP address is loopback, an IPv4 one in IPv6 clothes too."""
+    ip = ipaddress.ip_address(text.partition("%")[0])
+    return (ip.ipv4_mapped or ip).is_loopback if ip.version == 6 else ip.is_loopback
+
+
 def open_relay_warning(sock):
     """A warning when clients can come from other hosts than this one."""
     address = sock.getsockname()
-    if isinstance(address, str) or ipaddress.ip_address(address[0]).is_loopback:
+    if isinstance(address, str) or is_loopback(address[0]):
         return None
     return (f"listening on {describe_socket(sock)}, which is not loopback: every host that "
             f"reaches this port can send mail through your hoster, which trusts its own "
@@ -3654,8 +3713,10 @@ def start(settings, foreground):
     pidfile = settings.pidfile or (None if foreground else paths.pidfile)
     if pidfile and daemon_pid(pidfile):
         raise Fatal(f"already running (pid {daemon_pid(pidfile)}, pid file {pidfile})")
-    listener = inherited_listener() or bind(settings)
-    warnings = [w for w in (open_relay_warning(listener), listen_mismatch(listener, settings),
+    inherited = inherited_listener()
+    listener = inherited or bind(settings)
+    warnings = [w for w in (open_relay_warning(listener),
+                            inherited and listen_mismatch(inherited, settings),
                             raise_open_files_limit(settings.max_clients)) if w]
     if pidfile:
         prepare_directory(os.path.dirname(pidfile), user, 0o755)
@@ -3745,6 +3806,7 @@ class Daemon:
     def __init__(self, settings, listener, pidfile, logfile):
         self.settings = settings
         self.listener = listener
+        self.where = describe_socket(listener)
         self.pidfile = PidFile(pidfile) if pidfile else None
         self.logfile = logfile
         self.tunnel_dir = None
@@ -3841,7 +3903,7 @@ class Daemon:
         return {
             "pid": os.getpid(),
             "started": self.forwarder.started_at,
-            "listening": describe_socket(self.listener),
+            "listening": self.where,
             "tunnel_to": self.settings.describe_tunnel(),
             "drain": self.settings.drain,
             **self.forwarder.describe(),
@@ -4318,6 +4380,12 @@ def submit_from_stdin(flags, recipients, settings_file):
     sender = flags.sender if flags.sender is not None else \
         (settings_file.sender or default_sender(hostname))
     recipients = deliverable(recipients, settings_file)
+    for address in (sender, *recipients):
+        if address and not valid_address(address):
+            raise SendmailExit(EX_USAGE, f"'{printable(address, 100)}' is not an address "
+                                         f"(no line breaks, control characters or <>)")
+    if flags.full_name is not None and not flags.full_name.isprintable():
+        raise SendmailExit(EX_USAGE, "-F: the name may hold no line breaks or control characters")
     header = completed_header(header, sender, flags.full_name, hostname)
     message = b"".join(line + b"\r\n" for line in header) + b"\r\n" + body
     options = []

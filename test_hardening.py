@@ -24,7 +24,7 @@ import pytest
 
 import minimail
 from conftest import (
-    AS_ROOT, MINIMAIL, Minimail, alive, double_options, free_port, make_message,
+    AS_ROOT, MINIMAIL, alive, double_options, free_port, make_message,
     minimail_command, read_until_eof, send_mail, start_daemon, wait_until)
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -120,14 +120,35 @@ def test_root_never_writes_the_log_through_a_link_or_into_anothers_file(run_dir)
     assert minimail_command("stop", "--pidfile", run_dir / "run" / "minimail.pid").returncode == 0
 
 
+@root_only
+def test_root_keeps_no_queue_in_anothers_directory_or_through_links(run_dir, tunnel_script):
+    victim = run_dir / "victim"
+    victim.mkdir()
+    (victim / "important.txt").write_text("keep me\n")
+    foreign = run_dir / "foreign"                           # another user's directory
+    foreign.mkdir(mode=0o700)
+    os.chown(foreign, 4242, 4242)
+    linked = run_dir / "linked"                             # root's, with tmp/ a link
+    linked.mkdir(mode=0o700)
+    (linked / "tmp").symlink_to(victim)
+    cases = {foreign: f"{foreign} belongs to uid 4242, not to root: refusing to keep the queue there",
+             linked: f"{linked / 'tmp'} is not a directory (a link?): refusing to keep the queue there"}
+    for queue, complaint in cases.items():
+        refused = minimail_command("--foreground", *AS_ROOT, "--listen", f"127.0.0.1:{free_port()}",
+                                   "--queue", queue, *tunnel_script("echo", 0, "{port}"))
+        assert refused.returncode == 1
+        assert f"ERROR {complaint}" in refused.stderr
+    assert (victim / "important.txt").read_text() == "keep me\n"
+
+
 # ---------------------------------------------------------------------------
 # The tunnel never outlives minimail
 # ---------------------------------------------------------------------------
 
 def test_a_killed_minimail_takes_its_tunnel_with_it_and_the_next_one_starts_clean(
-        minimail_process, double_script, tmp_path):
+        minimail_process, minimail_to_kill, double_script):
     _, tunnel = double_options(double_script, "echo", 0, "{port}")
-    first = Minimail([*map(str, tunnel), "--linger", "60"], tmp_path / "killed.log")
+    first = minimail_to_kill(*tunnel, "--linger", 60)
     with socket.create_connection(("127.0.0.1", first.port), timeout=10) as client:
         client.sendall(b"x")
         assert client.recv(1) == b"x"

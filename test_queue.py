@@ -21,7 +21,7 @@ import time
 import pytest
 
 from conftest import (
-    SWAKS, Minimail, free_port, make_message, minimail_command, minimail_via, need,
+    SWAKS, free_port, make_message, minimail_command, minimail_via, need,
     send_mail, wait_until)
 
 
@@ -160,12 +160,12 @@ def test_a_live_clients_tunnel_carries_the_queue(queueing, hoster_reachable, hos
 
 
 def test_a_kill_9_loses_no_mail_that_got_250_and_keeps_none_that_did_not(
-        own_sshd, hoster, hoster_reachable, minimail_process, tmp_path):
+        own_sshd, hoster, hoster_reachable, minimail_process, minimail_to_kill, tmp_path):
     hoster_reachable(False)
     queue = tmp_path / "queue"
     args = ["--ssh", own_sshd.ssh, "--remote", f"127.0.0.1:{hoster.port}", "--queue", str(queue),
             "--queue-retry", "0.5", "--linger", "30", "hoster"]
-    first = Minimail(args, tmp_path / "first.log")
+    first = minimail_to_kill(*args)
     with socket.create_connection(("127.0.0.1", first.port), timeout=30) as client:
         reader = client.makefile("rb")
         assert reader.readline().startswith(b"220 ")
@@ -181,7 +181,7 @@ def test_a_kill_9_loses_no_mail_that_got_250_and_keeps_none_that_did_not(
         first.proc.wait()
         assert b"250" not in read_to_the_end(reader)        # no 250 came
     assert spool_files(queue)["queued"] == []
-    second = Minimail(args, tmp_path / "second.log")
+    second = minimail_to_kill(*args)
     assert spool_files(queue) == {"tmp": [], "queued": [], "failed": []}   # leftovers gone
     code, reply = submit(second.port, make_message("whole"))
     assert code == 250                                      # queued: the hoster is away
@@ -389,6 +389,21 @@ def talk_closed_at_max_clients(queueing):
     first.close()
     second.close()
     return True
+
+
+def test_a_client_that_drips_a_byte_at_a_time_is_cut_per_command(queueing, hoster_reachable):
+    hoster_reachable(False)
+    mm = queueing("--idle-timeout", 1)
+    talk = Dialogue(mm.port)
+    assert talk.reply().startswith(b"220 ")
+    started = time.monotonic()
+    with pytest.raises(OSError):
+        for byte in b"EHLO slowloris.example\r\n" * 10:
+            talk.sock.sendall(bytes([byte]))              # a byte every 0.3 s: never idle
+            time.sleep(0.3)
+    assert time.monotonic() - started < 3                 # but no command within 1 s: cut
+    talk.close()
+    mm.wait_for_log(r"queue \(.*\): 0 message\(s\) queued; closed: idle for 1 s")
 
 
 SMUGGLING = [b"\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\r", b"\r\n.\n", b"\r.\n"]

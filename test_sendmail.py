@@ -186,6 +186,21 @@ def test_bad_invocations_exit_by_sysexits_in_one_line(sendmail, flags, status, l
     assert (result.returncode, result.stderr.decode().splitlines()) == (status, [line])
 
 
+@pytest.mark.parametrize("flags, line", [
+    (["-F", "Evil\nX-Injected: yes", "a@b.example"],
+     "minimail: -F: the name may hold no line breaks or control characters"),
+    (["-i", "bob@example.net>\r\nRCPT TO:<extra@example.net"],
+     "minimail: 'bob@example.net>\\r\\nRCPT TO:<extra@example.net' is not an address (no line "
+     "breaks, control characters or <>)"),
+    (["-f", "me@x\r\nRCPT TO:<y@z>", "a@b.example"],
+     "minimail: 'me@x\\r\\nRCPT TO:<y@z' is not an address (no line breaks, control "
+     "characters or <>)"),
+])
+def test_line_breaks_in_names_and_addresses_inject_nothing(sendmail, flags, line):
+    result = sendmail(1, *flags, message="Subject: x\n\nbody\n")
+    assert (result.returncode, result.stderr.decode().splitlines()) == (64, [line])
+
+
 def test_a_local_name_without_an_admin_address_says_how_to_set_one(sendmail):
     result = sendmail(1, "-i", "root", settings="MINIMAIL_OPTIONS=--listen 127.0.0.1:1\n")
     assert result.returncode == 67

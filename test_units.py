@@ -238,11 +238,31 @@ def envelope_json(**changes):
     return json.dumps(data).encode()
 
 
+def test_retries_double_to_an_hour_and_never_overflow():
+    assert [minimail.retry_delay(n, 60) for n in (1, 2, 3, 7, 1100, 10**9)] == \
+        [60, 120, 240, 3600, 3600, 3600]
+    assert minimail.retry_delay(0, 0.5) == 0.5
+
+
+@pytest.mark.parametrize("text, loopback", [("127.0.0.1", True), ("::1", True),
+                                            ("::ffff:127.0.0.1", True), ("0.0.0.0", False),
+                                            ("::ffff:0.0.0.0", False), ("192.0.2.1", False)])
+def test_loopback_addresses_in_both_clothes(text, loopback):
+    assert minimail.is_loopback(text) is loopback
+
+
+def test_an_option_given_twice_is_named():
+    assert minimail.explain_usage_error(["stop", "--pidfile", "a", "--pidfile", "b"], "") == \
+        "--pidfile is given twice"
+
+
 def test_an_envelope_from_disk_is_checked():
     assert minimail.Envelope.from_json(envelope_json(), "05FF3A9C1E2B4D6A").recipients == ["c@d"]
     for bad in (envelope_json(id="../../x"), envelope_json(recipients="c@d"),
                 envelope_json(recipients=["c@d"] * 101), envelope_json(sender="a\r\nb"),
-                envelope_json(size="10"), envelope_json(attempts=True), b"[1]", b"{}"):
+                envelope_json(size="10"), envelope_json(attempts=True), b"[1]", b"{}",
+                envelope_json(next_try=float("inf")), envelope_json(arrived=float("nan")),
+                envelope_json(attempts=10**400), envelope_json(size=-1)):
         with pytest.raises(ValueError):
             minimail.Envelope.from_json(bad, "05FF3A9C1E2B4D6A")
     with pytest.raises(ValueError):
