@@ -1012,7 +1012,6 @@ class Supervisor:
         self.retiring = set()             # children being stopped
         self.last_child = None            # for `check`: what the last one said
         self.launches = 0
-        self.ups = 0                      # how often a child came up
         self.clients = 0
         self.countdown_ends = None
         self.failures = 0                 # failed starts in a row
@@ -1248,7 +1247,6 @@ class Supervisor:
     def mark_up(self, child, now):
         child.phase = Phase.UP
         self.failures = 0
-        self.ups += 1
         log.info("tunnel up after %.2f s", now - child.launched_at)
         self.notify()
         self.on_up()
@@ -3711,8 +3709,9 @@ def start(settings, foreground):
     user = target_user(settings)
     paths = default_paths()
     pidfile = settings.pidfile or (None if foreground else paths.pidfile)
-    if pidfile and daemon_pid(pidfile):
-        raise Fatal(f"already running (pid {daemon_pid(pidfile)}, pid file {pidfile})")
+    running = pidfile and daemon_pid(pidfile)
+    if running:
+        raise Fatal(f"already running (pid {running}, pid file {pidfile})")
     inherited = inherited_listener()
     listener = inherited or bind(settings)
     warnings = [w for w in (open_relay_warning(listener),
@@ -4037,19 +4036,24 @@ def show_queue(directory, as_json):
         entries = [{**describe_envelope(e), "state": "queued"} for e in queued] + \
                   [{**describe_envelope(e), "state": "failed"} for e in failed]
         print(json.dumps({"dir": directory, "messages": entries}, indent=1))
-        return 0
-    now = time.time()
-    print(f"queue in {directory}: {len(queued)} message(s) waiting, {len(failed)} failed")
-    for envelope in queued:
-        print(queue_line(envelope, now))
-        print(f"    {envelope.attempts} attempt(s); next try in "
-              f"{format_duration(envelope.next_try - now)}; last reply: "
-              f"{printable(envelope.last_reply or 'none', 200)}")
-    for envelope in failed:
-        print(queue_line(envelope, now) + "  FAILED")
-        for recipient, reply in envelope.failures:
-            print(f"    <{printable(recipient, 100)}>: {printable(reply, 200)}")
+    else:
+        print("\n".join(queue_listing(directory, queued, failed, time.time())))
     return 0
+
+
+def queue_listing(directory, queued, failed, now):
+    """The lines `minimail queue` prints (everything from disk escaped)."""
+    lines = [f"queue in {directory}: {len(queued)} message(s) waiting, {len(failed)} failed"]
+    for envelope in queued:
+        lines += [queue_line(envelope, now),
+                  f"    {envelope.attempts} attempt(s); next try in "
+                  f"{format_duration(envelope.next_try - now)}; last reply: "
+                  f"{printable(envelope.last_reply or 'none', 200)}"]
+    for envelope in failed:
+        lines.append(queue_line(envelope, now) + "  FAILED")
+        lines += [f"    <{printable(recipient, 100)}>: {printable(reply, 200)}"
+                  for recipient, reply in envelope.failures]
+    return lines
 
 
 def describe_envelope(envelope):
