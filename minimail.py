@@ -2567,11 +2567,15 @@ class Reception:
             self.out.append(smtp_reply_line(line))
 
     def flush(self):
+        """Send the replies so far: most often in one send(2) (a reply is small
+        and the socket's buffer empty), so no timer is set for it."""
         if self.out:
-            data = b"".join(self.out)
+            data, client = b"".join(self.out), self.session.client
             self.out = []
-            self.session.client.settimeout(self.reader.idle)
-            self.session.client.sendall(data)
+            client.settimeout(self.reader.idle)
+            sent = client.send(data)
+            if sent < len(data):
+                client.sendall(data[sent:])
             self.session.received.count += len(data)
 
     def run(self):
