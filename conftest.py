@@ -297,17 +297,21 @@ def hoster():
     server.controller.stop()
 
 
+def starter(tmp_path, name, started):
+    """start(*args) -> a Minimail with those arguments, logging to tmp_path/NAME-N.log,
+    added to the list `started`."""
+    def start(*args):
+        process = Minimail([str(a) for a in args], tmp_path / f"{name}-{len(started)}.log")
+        started.append(process)
+        return process
+    return start
+
+
 @pytest.fixture
 def minimail_process(tmp_path):
     """Start minimail with the given arguments; it is stopped (and must exit 0) after the test."""
     started = []
-
-    def start(*args):
-        process = Minimail([str(a) for a in args], tmp_path / f"minimail-{len(started)}.log")
-        started.append(process)
-        return process
-
-    yield start
+    yield starter(tmp_path, "minimail", started)
     for process in started:
         assert process.stop() == 0, process.log()
         assert process.tunnels() == [], "a tunnel process outlived minimail"
@@ -318,13 +322,7 @@ def minimail_to_kill(tmp_path):
     """Start minimail for a test that kills it (kill -9): whatever still runs
     at the end is killed, so a failing test leaves nothing behind."""
     started = []
-
-    def start(*args):
-        process = Minimail([str(a) for a in args], tmp_path / f"killed-{len(started)}.log")
-        started.append(process)
-        return process
-
-    yield start
+    yield starter(tmp_path, "killed", started)
     for process in started:
         if process.proc.poll() is None:
             process.proc.kill()
