@@ -300,6 +300,10 @@ STOP_MARGIN = 15.0
 DEFAULT_DRAIN = 10.0
 #: How long `minimail check` waits for the far side's greeting.
 CHECK_GREETING_WAIT = 10.0
+#: The aliases file (aliases(5)) the sendmail command reads, unless MINIMAIL_ALIASES says.
+DEFAULT_ALIASES = "/etc/aliases"
+#: The file that names this machine's mail domain; $MINIMAIL_MAILNAME names another.
+MAILNAME_FILE = "/etc/mailname"
 #: The longest Unix socket path (sun_path holds 108 bytes with the final NUL).
 SOCKET_PATH_MAX = 107
 
@@ -487,11 +491,71 @@ def merge_settings_file(argv, settings_file):
     return words + list(argv) + ([settings_file.destination] if settings_file.destination else [])
 
 
+def shell_words(text):
+    """The words a POSIX shell makes of one line: quotes ('...', "..." with its
+    backslash escapes) and backslashes removed, and a comment from a # that
+    starts a word (not one inside a word, as shlex would have it).  ValueError
+    for an unterminated quote."""
+    words, word, i, started = [], [], 0, False
+    while i < len(text):
+        c = text[i]
+        if c in " \t":
+            if started:
+                words.append("".join(word))
+            word, started = [], False
+        elif c == "#" and not started:
+            break
+        elif c == "'":
+            end = text.find("'", i + 1)
+            if end < 0:
+                raise ValueError("no closing quotation (')")
+            word.append(text[i + 1:end])
+            i, started = end, True
+        elif c == '"':
+            i = double_quoted(text, i + 1, word)
+            started = True
+        elif c == "\\" and i + 1 < len(text):
+            word.append(text[i + 1])
+            i, started = i + 1, True
+        else:
+            word.append(c)
+            started = True
+        i += 1
+    return words + (["".join(word)] if started else [])
+
+
+def double_quoted(text, i, word):
+    """Read a "..." word part from text[i] on into word; the closing quote's index."""
+    while i < len(text):
+        c = text[i]
+        if c == '"':
+            return i
+        if c == "\\" and i + 1 < len(text) and text[i + 1] in '"\\$`':
+            i += 1
+            c = text[i]
+        word.append(c)
+        i += 1
+    raise ValueError('no closing quotation (")')
+
+
+def settings_value(key, raw):
+    """A settings file's value as a shell reads it.  MINIMAIL_OPTIONS is a list
+    of words, returned quoted (shlex.join): written unquoted, the value's own
+    words; written as one quoted string, that string split again."""
+    words = shell_words(raw)
+    if key != "MINIMAIL_OPTIONS":
+        return " ".join(words)
+    if len(words) == 1 and raw.lstrip()[:1] in ("'", '"'):
+        words = shlex.split(words[0])
+    return shlex.join(words)
+
+
 class SettingsFile:
     """The settings shared by the daemon and the sendmail command: a file of
     shell-style KEY=VALUE lines (what systemd's EnvironmentFile= reads too)."""
 
-    KEYS = ("MINIMAIL_DESTINATION", "MINIMAIL_OPTIONS", "MINIMAIL_SENDER", "MINIMAIL_ADMIN")
+    KEYS = ("MINIMAIL_DESTINATION", "MINIMAIL_OPTIONS", "MINIMAIL_SENDER", "MINIMAIL_ADMIN",
+            "MINIMAIL_ALIASES")
 
     def __init__(self, path=None, values=None):
         self.path = path
@@ -499,6 +563,7 @@ class SettingsFile:
         self.destination = values.get("MINIMAIL_DESTINATION") or None
         self.sender = values.get("MINIMAIL_SENDER") or None
         self.admin = values.get("MINIMAIL_ADMIN") or None
+        self.aliases = values.get("MINIMAIL_ALIASES") or DEFAULT_ALIASES
         options = values.get("MINIMAIL_OPTIONS", "")
         try:
             self.options = shlex.split(options)
@@ -536,11 +601,13 @@ class SettingsFile:
             key, value = key.strip(), value.strip()
             if not equals or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 raise UsageError(f"{path}:{number}: not a KEY=VALUE line")
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-                value = value[1:-1]
             if key.startswith("MINIMAIL_") and key not in cls.KEYS:
                 raise UsageError(f"{path}:{number}: unknown setting {key} "
                                  f"(known: {', '.join(cls.KEYS)})")
+            try:
+                value = settings_value(key, value)
+            except ValueError as exc:
+                raise UsageError(f"{path}:{number}: {key}: {exc}") from None
             values[key] = value
         return cls(path, values)
 
@@ -4249,6 +4316,290 @@ def show_sendmail_settings(settings_file):
 
 
 # ---------------------------------------------------------------------------
+# Local mail: this machine's names, the aliases file, the mail name (stdlib only)
+# ---------------------------------------------------------------------------
+
+#: The most of an aliases file or of /etc/mailname minimail reads (they come from outside).
+ALIASES_MAX = 1024 * 1024
+MAILNAME_MAX = 256
+#: Steps one recipient's alias expansion may take (chains, lists); the rest goes to the admin.
+ALIAS_STEPS_MAX = 1000
+#: The mail name when nothing better is known (never a bare short host name).
+MAIL_NAME_FALLBACK = "localhost.localdomain"
+#: A host name as minimail accepts it from a file or the resolver.
+HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,62}\.?)*", re.I)
+
+
+def domain_of(address):
+    """The domain of an address in lower case ('' for a bare name such as root)."""
+    _, at, domain = address.rpartition("@")
+    return domain.lower().rstrip(".") if at else ""
+
+
+def local_part(address):
+    """What comes before the last @ (the whole of a bare name)."""
+    local, at, _ = address.rpartition("@")
+    return local if at else address
+
+
+def dotted(name):
+    """A fully qualified name: dotted, and not localhost's."""
+    return bool(name) and "." in name.strip(".") and name.split(".")[0] != "localhost"
+
+
+def read_mailname(path=None):
+    """The name in /etc/mailname ($MINIMAIL_MAILNAME names another file), in
+    lower case; '' when there is none or it is no host name."""
+    path = path or os.environ.get("MINIMAIL_MAILNAME") or MAILNAME_FILE
+    try:
+        with open(path, "rb") as f:
+            text = f.read(MAILNAME_MAX)
+    except OSError:
+        return ""
+    name = (text.decode("ascii", "replace").split() or [""])[0].lower().rstrip(".")
+    return name if HOST_NAME.fullmatch(name) and len(name) <= 253 else ""
+
+
+def choose_mail_name(file_name, fqdn, sender=None, admin=None):
+    """The mail name: /etc/mailname's if dotted, else the FQDN if dotted, else
+    the domain of the sender (or admin) address; None if none of them is."""
+    for name in (file_name, fqdn(), domain_of(sender or ""), domain_of(admin or "")):
+        if dotted(name):
+            return name
+    return None
+
+
+class MailNames:
+    """The names this machine goes by, for the sendmail command: which
+    addresses are local, and the mail name for Message-IDs and bounces.  The
+    FQDN is asked of the resolver only when it is needed."""
+
+    def __init__(self, settings_file, hostname=None, fqdn=None, mailname=None):
+        self.sender, self.admin = settings_file.sender, settings_file.admin
+        self.real = {domain_of(a) for a in (self.sender, self.admin) if a} - {""}
+        self.host = (hostname or socket.gethostname()).lower()
+        self.file_name = read_mailname() if mailname is None else mailname
+        self.names = {"localhost", "localhost.localdomain", self.host, self.file_name} - \
+            self.real - {""}
+        self.fqdn = fqdn
+
+    def full_name(self):
+        if self.fqdn is None:
+            self.fqdn = socket.getfqdn().lower().rstrip(".")
+        return self.fqdn
+
+    def is_local(self, address):
+        """An address without @, or at one of this machine's names (but not
+        at the sender's or admin's mail domain)."""
+        domain = domain_of(address)
+        if not domain:
+            return True
+        if domain in self.real:
+            return False
+        return domain in self.names or domain == self.full_name()
+
+    def mail_name(self):
+        return choose_mail_name(self.file_name, self.full_name, self.sender, self.admin) \
+            or MAIL_NAME_FALLBACK
+
+    def masquerade(self):
+        """What a local sender becomes: MINIMAIL_SENDER, else MINIMAIL_ADMIN,
+        else the user at the mail name (when that is this machine's dotted
+        name), else None."""
+        if self.sender or self.admin:
+            return self.sender or self.admin
+        name = choose_mail_name(self.file_name, self.full_name)
+        return f"{pwd.getpwuid(os.getuid()).pw_name}@{name}" if name else None
+
+
+class Aliases:
+    """An aliases file (aliases(5)): names (lower case) to their targets, and
+    the problems found, [(line number, what)]."""
+
+    def __init__(self, path=None, table=None, problems=()):
+        self.path, self.table, self.problems = path, table or {}, list(problems)
+
+    @classmethod
+    def read(cls, path):
+        """The file's aliases (OSError if it cannot be read)."""
+        with open(path, "rb") as f:
+            text = f.read(ALIASES_MAX + 1)
+        if len(text) > ALIASES_MAX:
+            return cls(path, {}, [(0, f"larger than {ALIASES_MAX} bytes: not read")])
+        return cls(path, *parse_aliases(text.decode("utf-8", "replace")))
+
+    @classmethod
+    def load(cls, path):
+        """For the sendmail command: a missing default file is no aliases; a
+        file that cannot be read is said on stderr, and none are used."""
+        try:
+            return cls.read(path)
+        except FileNotFoundError:
+            if path != DEFAULT_ALIASES:
+                print(f"minimail: the aliases file {printable(path, 200)} is missing: local "
+                      f"names go to the admin address", file=sys.stderr)
+        except OSError as exc:
+            print(f"minimail: cannot read the aliases file {printable(path, 200)} "
+                  f"({exc.strerror}): local names go to the admin address", file=sys.stderr)
+        return cls(path)
+
+
+def alias_lines(text):
+    """aliases(5)'s logical lines, [(line number, text)]: a line that starts
+    with white space continues the one before; empty lines and lines whose
+    first character that is not white space is # are skipped.  Also the
+    problems: [(line number, what)]."""
+    lines, problems = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0] in " \t":
+            if lines:
+                lines[-1][1] += " " + line.strip()
+            else:
+                problems.append((number, "a continuation line (it starts with white space) "
+                                         "with no alias before it"))
+            continue
+        lines.append([number, line.strip()])
+    return lines, problems
+
+
+def parse_aliases(text):
+    """({name: [target, ...]}, [(line number, problem)]) of an aliases file."""
+    lines, problems = alias_lines(text)
+    table, first_seen = {}, {}
+    for number, line in lines:
+        name, targets, problem = parse_alias(line)
+        if problem is None and name in table:
+            problem = f"{name} is given again (first on line {first_seen[name]}): this one is ignored"
+        if problem is not None:
+            problems.append((number, problem))
+            continue
+        table[name], first_seen[name] = targets, number
+    return table, sorted(problems)
+
+
+def parse_alias(line):
+    """(name, targets, None) of one logical line, or (None, None, the problem)."""
+    if line.startswith('"'):
+        end = line.find('"', 1)
+        name, rest = (line[1:end], line[end + 1:].lstrip()) if end > 0 else ("", "")
+    else:
+        name, _, rest = line.partition(":")
+        name, rest = name.strip(), ":" + rest if _ else ""
+    if not rest.startswith(":"):
+        return None, None, f"no colon: not `name: target, ...` ({printable(line, 60)})"
+    if not name or not name.isprintable() or any(c.isspace() for c in name):
+        return None, None, f"{printable(name, 60)!r} is not an alias name"
+    targets = [unquoted(t.strip()) for t in split_outside_quotes(rest[1:], ",")]
+    targets = [t for t in targets if t]
+    if not targets:
+        return None, None, f"{printable(name, 60)} has no target"
+    bad = [t for t in targets if not t.isprintable() or len(t) > ADDRESS_MAX]
+    if bad:
+        return None, None, f"{printable(name, 60)}: {printable(bad[0], 60)!r} is no target"
+    return name.lower(), targets, None
+
+
+def split_outside_quotes(text, separator):
+    """text split at each separator that is not inside "..." (a backslash
+    escapes the next character there)."""
+    pieces, piece, quoted, escaped = [], [], False, False
+    for c in text:
+        if escaped:
+            escaped = False
+        elif quoted and c == "\\":
+            escaped = True
+        elif c == '"':
+            quoted = not quoted
+        elif c == separator and not quoted:
+            pieces.append("".join(piece))
+            piece = []
+            continue
+        piece.append(c)
+    return pieces + ["".join(piece)]
+
+
+def unquoted(target):
+    """A target written wholly in quotes ("|command with, commas") without them."""
+    if len(target) >= 2 and target[0] == target[-1] == '"' and target.count('"') == 2:
+        return target[1:-1]
+    return target
+
+
+class Expansion(enum.Enum):
+    """What an alias target is to the sendmail command."""
+    ADDRESS = "an address"
+    LOCAL = "a local name"
+    COMMAND = "a command"
+    FILE = "a file"
+    INCLUDE = "an :include: file"
+
+
+def target_kind(target, names):
+    if target.startswith("|"):
+        return Expansion.COMMAND
+    if target.lower().startswith(":include:"):
+        return Expansion.INCLUDE
+    if target.startswith("/"):
+        return Expansion.FILE
+    return Expansion.LOCAL if names.is_local(target) else Expansion.ADDRESS
+
+
+#: Stands for the admin address in an expansion.
+TO_ADMIN = object()
+
+
+def expand(recipient, aliases, names):
+    """Where mail to recipient goes: ([address or TO_ADMIN], [notes for
+    stderr]).  Local names are looked up in the aliases, chains followed,
+    loops stopped; a name without an alias, a loop, a command, a file or an
+    :include: goes to the admin address (none of them is ever run or read)."""
+    found, notes, todo, steps = [], [], [(recipient, ())], 0
+    while todo:
+        address, chain = todo.pop(0)
+        steps += 1
+        if steps > ALIAS_STEPS_MAX:
+            notes.append(f"{printable(recipient, 100)}: more than {ALIAS_STEPS_MAX} aliases: "
+                         f"the rest goes to the admin address")
+            found.append(TO_ADMIN)
+            break
+        kind = target_kind(address, names)
+        if kind is Expansion.ADDRESS:
+            found.append(address)
+            continue
+        if kind is not Expansion.LOCAL:
+            notes.append(f"{printable(chain[-1] if chain else recipient, 100)}: "
+                         f"{printable(address, 100)} is {kind.value}, which minimail never "
+                         f"{'runs' if kind is Expansion.COMMAND else 'reads'}: that mail goes "
+                         f"to the admin address")
+            found.append(TO_ADMIN)
+            continue
+        name = local_part(address).lower()
+        if name in chain:
+            if chain[-1] != name:             # `root: root, ...` only means "keep a copy too"
+                notes.append(f"alias loop: {printable(' -> '.join(chain + (name,)), 200)}: "
+                             f"that mail goes to the admin address")
+            found.append(TO_ADMIN)
+            continue
+        targets = None if name.startswith("\\") else aliases.table.get(name)
+        if targets is None:
+            found.append(TO_ADMIN)
+            continue
+        todo[0:0] = [(target, chain + (name,)) for target in targets]
+    return found, notes
+
+
+def admin_address(settings_file, names):
+    """MINIMAIL_ADMIN, when it is a real address (else SendmailExit 78)."""
+    admin = settings_file.admin
+    if admin and names.is_local(admin):
+        raise SendmailExit(EX_CONFIG, f"MINIMAIL_ADMIN={printable(admin, 100)} is a local name "
+                                      f"itself: give a full address (you@example.org)")
+    return admin
+
+
+# ---------------------------------------------------------------------------
 # The sendmail command: stdlib only, so that cron's mail starts fast
 # ---------------------------------------------------------------------------
 
@@ -4343,7 +4694,7 @@ def sendmail_main(argv):
         if flags.mode == "q":
             return flush(sendmail_pidfile(settings_file))
         if flags.mode == "i":
-            return EX_OK                 # newaliases: minimail has no aliases
+            return newaliases(settings_file.aliases)
         if flags.mode == "s":
             return smtp_on_stdio(settings_listen(settings_file))
         return submit_from_stdin(flags, recipients, settings_file)
@@ -4361,6 +4712,25 @@ def sendmail_main(argv):
         return EX_SOFTWARE
 
 
+def newaliases(path):
+    """newaliases, sendmail -bi: check the aliases file and say how many
+    aliases it holds (minimail reads it as it is: there is nothing to build).
+    0, or 1 with a `file:line: problem` line for each problem."""
+    try:
+        aliases = Aliases.read(path)
+    except FileNotFoundError:
+        print(f"{path}: no such file: 0 aliases (local names go to MINIMAIL_ADMIN)")
+        return EX_OK
+    except OSError as exc:
+        print(f"minimail: cannot read the aliases file {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    for number, problem in aliases.problems:
+        print(f"{path}:{number}: {problem}", file=sys.stderr)
+    count = len(aliases.table)
+    print(f"{path}: {count} alias{'' if count == 1 else 'es'}")
+    return 1 if aliases.problems else EX_OK
+
+
 def sendmail_pidfile(settings_file):
     return os.path.abspath(settings_file.option("--pidfile") or default_paths().pidfile)
 
@@ -4373,8 +4743,10 @@ def settings_listen(settings_file):
 
 
 def submit_from_stdin(flags, recipients, settings_file):
-    """Read the message, complete its header as an MTA would, submit it."""
+    """Read the message, address it and complete its header as an MTA would
+    (see "Local mail"), submit it."""
     hostname = smtp_hostname()
+    names = MailNames(settings_file, hostname=hostname)
     text = read_message(sys.stdin.buffer, flags.dot_ends)
     header, body = split_header(text)
     if flags.recipients_from_header:
@@ -4385,16 +4757,18 @@ def submit_from_stdin(flags, recipients, settings_file):
         recipients = found + recipients
     if not recipients:
         raise SendmailExit(EX_USAGE, "no recipients given (name them, or use -t)")
-    sender = flags.sender if flags.sender is not None else \
-        (settings_file.sender or default_sender(hostname))
-    recipients = deliverable(recipients, settings_file)
-    for address in (sender, *recipients):
+    for address in (flags.sender or "", *recipients):
         if address and not valid_address(address):
             raise SendmailExit(EX_USAGE, f"'{printable(address, 100)}' is not an address "
                                          f"(no line breaks, control characters or <>)")
+    aliases = Aliases.load(settings_file.aliases)
+    recipients = deliverable(recipients, settings_file, aliases, names, show_notes=True)
+    sender = envelope_sender(flags.sender, settings_file, names)
     if flags.full_name is not None and not flags.full_name.isprintable():
         raise SendmailExit(EX_USAGE, "-F: the name may hold no line breaks or control characters")
-    header = completed_header(header, sender, flags.full_name, hostname)
+    delivered = lambda address: deliverable([address], settings_file, aliases, names, quiet=True)
+    header = rewrite_header(header, names.is_local, names.masquerade(), delivered)
+    header = completed_header(header, sender, flags.full_name, names.mail_name())
     message = b"".join(line + b"\r\n" for line in header) + b"\r\n" + body
     options = []
     if flags.body == "7BIT":
@@ -4477,21 +4851,174 @@ def header_recipients(header):
     return found, kept
 
 
-def deliverable(recipients, settings_file):
+def deliverable(recipients, settings_file, aliases=None, names=None, show_notes=False,
+                quiet=False):
     """Recipients as the hoster must see them: a local name (cron mails root)
-    goes to the admin address.  Each once, in order."""
-    result = []
+    is looked up in the aliases, and what stays local goes to the admin
+    address.  Each once, in order.  quiet: a local name with no admin address
+    to go to stays as it is (for the header), instead of SendmailExit 67."""
+    aliases, names = aliases or Aliases(), names or MailNames(settings_file)
+    result, shown = [], set()
     for recipient in recipients:
-        if "@" not in recipient:
-            if not settings_file.admin:
+        found, notes = expand(recipient, aliases, names)
+        for note in notes if show_notes else ():
+            if note not in shown:
+                print(f"minimail: {note}", file=sys.stderr)
+                shown.add(note)
+        if TO_ADMIN in found:
+            admin = admin_address(settings_file, names)
+            if not admin and quiet:
+                return []
+            if not admin:
                 where = settings_file.path or os.path.expanduser("~/.config/minimail/minimail.conf")
                 raise SendmailExit(EX_NOUSER, f"{recipient!r} is a local name, and no admin address "
                                               f"is set to send it to: set MINIMAIL_ADMIN=you@example.org "
                                               f"in {where}")
-            recipient = settings_file.admin
-        if recipient not in result:
-            result.append(recipient)
+            found = [admin if address is TO_ADMIN else address for address in found]
+        for address in found:
+            if address not in result:
+                result.append(address)
     return result
+
+
+def envelope_sender(given, settings_file, names):
+    """-f's address if it is a real one (or <>); a local one (-f root@HOST, as
+    GNU mailutils passes), or none given, becomes the masqueraded sender."""
+    if given == "" or (given and not names.is_local(given)):
+        return given
+    masqueraded = names.masquerade()
+    if not masqueraded:
+        where = settings_file.path or os.path.expanduser("~/.config/minimail/minimail.conf")
+        raise SendmailExit(EX_CONFIG, f"no sender address for local mail: set "
+                                      f"MINIMAIL_SENDER=you@example.org in {where}")
+    return masqueraded
+
+
+def top_level(value):
+    """For each character of a header field's value: whether it is outside
+    quotes, comments and <...>.  The comment depth at the end must be 0."""
+    flags, quoted, depth, angle, escaped = [], False, 0, False, False
+    for c in value:
+        outside = not (quoted or depth or angle or escaped)
+        if escaped:
+            escaped = False
+        elif c == "\\" and (quoted or depth):
+            escaped = True
+        elif quoted:
+            quoted = c != '"'
+        elif c == '"' and not depth:
+            quoted = True
+        elif c == "(":
+            depth += 1
+        elif c == ")" and depth:
+            depth -= 1
+        elif c == "<" and not depth:
+            angle = True
+        elif c == ">" and angle:
+            angle = False
+        flags.append(outside)
+    return flags, not (quoted or depth or angle)
+
+
+def split_mailboxes(value):
+    """The mailboxes of an address field, as written (commas inside quotes,
+    comments and <...> are no separators); None if the field holds a group
+    or is not well formed (it is then left as it is)."""
+    flags, closed = top_level(value)
+    if not closed or any(f and c in ":;" for c, f in zip(value, flags)):
+        return None
+    pieces, start = [], 0
+    for i, (c, outside) in enumerate(zip(value, flags)):
+        if outside and c == ",":
+            pieces.append(value[start:i].strip())
+            start = i + 1
+    pieces.append(value[start:].strip())
+    return [p for p in pieces if p]
+
+
+def parse_mailbox(text):
+    """(display name, address) of one mailbox: `Name <addr>`, `addr (Name)`
+    or a bare `addr`; the name as written ('' when there is none)."""
+    flags, _ = top_level(text)
+    opening = next((i for i, (c, f) in enumerate(zip(text, flags)) if f and c == "<"), -1)
+    closing = text.find(">", opening) if opening >= 0 else -1
+    if closing > 0:
+        return text[:opening].strip(), text[opening + 1:closing].strip()
+    comments = re.findall(r"\(((?:[^()\\]|\\.)*)\)", text)
+    address = re.sub(r"\((?:[^()\\]|\\.)*\)", " ", text).strip()
+    return " ".join(c.strip() for c in comments if c.strip()), address
+
+
+def format_mailbox(name, address):
+    """`name <address>`, the name quoted when it must be; a bare address without one."""
+    if not name:
+        return address
+    if not (name.startswith('"') or name.startswith("=?")) and re.search(r'[()<>\[\]:;@\\,"]', name):
+        name = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{name} <{address}>"
+
+
+def rewritten_field(value, replace):
+    """The field's value with each local address replaced by replace(address)
+    (a list of addresses; [] keeps it), or None when nothing changes."""
+    mailboxes = split_mailboxes(value)
+    if mailboxes is None:
+        return None
+    out, changed = [], False
+    for mailbox in mailboxes:
+        name, address = parse_mailbox(mailbox)
+        new = replace(address) if address else []
+        if not new:
+            out.append(mailbox)
+            continue
+        changed = True
+        name = name if len(new) == 1 else ""       # a name for one address, not for a list
+        out += [format_mailbox(name, a) for a in new if format_mailbox(name, a) not in out]
+    return out if changed else None
+
+
+def fold(name, mailboxes):
+    """A header field of several mailboxes as lines: one line if it fits in
+    78 characters, else one mailbox on each."""
+    line = f"{name}: {', '.join(mailboxes)}"
+    if len(line) <= 78:
+        return [line]
+    return [f"{name}: {mailboxes[0]}" + ("," if len(mailboxes) > 1 else "")] + \
+        [f" {m}" + ("," if i < len(mailboxes) - 1 else "") for i, m in enumerate(mailboxes) if i]
+
+
+def rewrite_header(header, is_local, masqueraded, delivered):
+    """The header lines with the local addresses (is_local) of From, Sender and
+    Reply-To made the masqueraded sender, and those of To and Cc made where
+    they go, delivered(address) (a list).  Other fields, and fields with no
+    local address, stay as they are, byte for byte."""
+    out, i = [], 0
+    while i < len(header):
+        end = i + 1
+        while end < len(header) and header[end][:1] in (b" ", b"\t"):
+            end += 1
+        out += rewritten_lines(header[i:end], is_local, masqueraded, delivered)
+        i = end
+    return out
+
+
+def rewritten_lines(lines, is_local, masqueraded, delivered):
+    """One header field (its lines) rewritten as rewrite_header says."""
+    name, _, first = lines[0].partition(b":")
+    kind = name.strip().lower()
+    if kind not in (b"from", b"sender", b"reply-to", b"to", b"cc"):
+        return lines
+    value = b" ".join([first.strip()] + [line.strip() for line in lines[1:]])
+    text = value.decode("utf-8", "surrogateescape")
+    if kind in (b"to", b"cc"):
+        replace = lambda address: delivered(address) if is_local(address) else []
+    else:
+        replace = lambda address: [masqueraded] if masqueraded and is_local(address) else []
+    mailboxes = rewritten_field(text, replace)
+    if mailboxes is None:
+        return lines
+    field = name.decode("ascii", "replace").strip()
+    return [line.encode("utf-8", "surrogateescape") for line in fold(field, mailboxes)]
 
 
 def completed_header(header, sender, full_name, hostname):
@@ -4663,6 +5190,8 @@ def main(argv=None):
         return sendmail_main(argv)
     if name == "mailq":
         return sendmail_main(["-bp"])
+    if name == "newaliases":
+        return sendmail_main(["-bi"])
     if argv[:1] == ["sendmail"]:
         return sendmail_main(argv[1:])
     from docopt import DocoptExit, docopt
