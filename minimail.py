@@ -627,7 +627,10 @@ class SettingsFile:
 class Settings:
     """Everything the command line says, checked once, before anything starts."""
 
-    def __init__(self, args):
+    def __init__(self, args, settings_file=None):
+        settings_file = settings_file or SettingsFile()
+        self.admin = settings_file.admin            # told of bounces nobody else takes
+        self.mail_name = MailNames(settings_file).mail_name()   # for bounces
         self.listen = parse_listen(args["--listen"])
         self.tunnel_port = args["--tunnel-port"] and parse_port(args["--tunnel-port"], "--tunnel-port")
         self.remote = parse_remote(args["--remote"])
@@ -2845,6 +2848,7 @@ class QueueRunner:
         self.on_change = on_change
         self.waiting = {}                 # queue ID -> Envelope, oldest first
         self.failed = 0                   # messages in failed/
+        self.untold = 0                   # of them, those nobody was told about
         self.wake = Event()
         self.wake_at = None               # when the runner's timer rings (None: it does not)
         self.everything = True            # deliver all, not only what is due
@@ -2883,13 +2887,14 @@ class QueueRunner:
             "oldest": min((e.arrived for e in waiting), default=None),
             "next_try": min((e.next_try for e in waiting), default=None),
             "failed": self.failed,
+            "untold": self.untold,
         }
 
     # -- the runner greenlet -------------------------------------------------
 
     def run(self):
         self.waiting = {e.id: e for e in self.spool.load()}
-        self.failed = len(self.spool.load("failed"))
+        self.count_failed()
         if self.waiting:
             log.info("queue: %d message(s) waiting in %s", len(self.waiting), self.spool.root)
         self.on_change()
@@ -2904,7 +2909,7 @@ class QueueRunner:
             if time.time() - self.cleaned_at > RETRY_MAX:
                 self.cleaned_at = time.time()
                 in_thread(self.spool.forget_old_failures, self.cleaned_at)
-                self.failed = len(self.spool.load("failed"))
+                self.count_failed()
             self.wake_at = min((e.next_try for e in self.waiting.values()), default=None)
             self.wake.wait(None if self.wake_at is None else max(0.0, self.wake_at - time.time()))
 
@@ -2975,6 +2980,7 @@ class QueueRunner:
             if envelope.failures:
                 in_thread(self.spool.fail, envelope)
                 self.failed += 1
+                self.untold += untold(envelope, self.settings.admin)
             else:
                 in_thread(self.spool.remove, envelope)
         self.on_change()
@@ -2994,18 +3000,18 @@ class QueueRunner:
         """Tell the sender what failed, in a delivery status notification queued
         like any mail (from the null sender); a bounce is never bounced."""
         envelope.failures += [[recipient, printable(reply, 300)] for recipient, reply in failures]
-        if envelope.bounce or not envelope.sender:
-            log.info("queue: %s: not bounced (it is a bounce, or has no sender): kept in failed/",
-                     envelope.id)
+        if untold(envelope, self.settings.admin):
+            log.info("queue: %s: not bounced (it is a bounce, or has no sender), and no other "
+                     "admin address to tell: kept in failed/", envelope.id)
             return
+        to = envelope.sender if envelope.sender and not envelope.bounce else self.settings.admin
         with self.spool.open_message(envelope) as message:
             header = read_header(message)
-        text = make_bounce(envelope, failures, header, self.hostname, expired)
+        text = make_bounce(envelope, failures, header, self.settings.mail_name, expired, to)
         draft = self.spool.draft()
-        notice = Envelope(draft.id, "", [envelope.sender], time.time(), len(text),
+        notice = Envelope(draft.id, "", [to], time.time(), len(text),
                           body=None if text.isascii() else "8BITMIME",
-                          smtputf8=not envelope.sender.isascii(), bounce=True,
-                          next_try=time.time())
+                          smtputf8=not to.isascii(), bounce=True, next_try=time.time())
         draft.write_envelope(notice)
         draft.write(text)
         try:
@@ -3015,6 +3021,22 @@ class QueueRunner:
             return
         self.waiting[notice.id] = notice
         log.info("queue: %s: bounced as %s", envelope.id, notice.id)
+
+
+    def count_failed(self):
+        failed = self.spool.load("failed")
+        self.failed = len(failed)
+        self.untold = sum(untold(envelope, self.settings.admin) for envelope in failed)
+
+
+def untold(envelope, admin):
+    """Whether a failed message is one nobody is told about: its bounce goes to
+    its sender, but a bounce (or mail with no sender) that fails goes to the
+    admin address only when that is not what failed (a double bounce)."""
+    if envelope.sender and not envelope.bounce:
+        return False
+    refused = {recipient.lower() for recipient, _ in envelope.failures}
+    return not admin or admin.lower() in refused
 
 
 def retry_delay(attempts, first):
@@ -3148,16 +3170,19 @@ def enhanced_status(reply, expired):
     return "4.4.7" if expired else "5.0.0"
 
 
-def make_bounce(envelope, failures, header, hostname, expired):
-    """A delivery status notification (RFC 3464): a short text in plain words,
-    message/delivery-status per recipient, and the original's header."""
+def make_bounce(envelope, failures, header, hostname, expired, to=None):
+    """A delivery status notification (RFC 3464) to the sender (or to `to`): a
+    short text in plain words, message/delivery-status per recipient, and the
+    original's header.  hostname: the mail name."""
+    to = envelope.sender if to is None else to
     from email.utils import formatdate, make_msgid
     now = formatdate(localtime=True)
     boundary = f"{envelope.id}.{os.urandom(4).hex()}/{hostname}"
     why = (f"it could not be delivered in {len(failures) and ''}the time allowed"
            if expired else "the hoster refused it")
     plain = [f"This is minimail on {hostname}.", "",
-             f"Your message (queue ID {envelope.id}) was not delivered to the recipients",
+             f"{'Your message' if to == envelope.sender else 'A message that bounced, or had no sender,'}"
+             f" (queue ID {envelope.id}) was not delivered to the recipients",
              f"below: {why}. Nothing more will be tried for them.", ""]
     plain += [f"<{recipient}>: {reply}" for recipient, reply in failures]
     per_recipient = []
@@ -3168,7 +3193,7 @@ def make_bounce(envelope, failures, header, hostname, expired):
     status = [f"Reporting-MTA: dns; {hostname}", f"X-Minimail-Queue-ID: {envelope.id}",
               f"Arrival-Date: {formatdate(envelope.arrived, localtime=True)}", *per_recipient]
     head = [f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
-            f"To: <{envelope.sender}>", "Subject: Undelivered Mail Returned to Sender",
+            f"To: <{to}>", "Subject: Undelivered Mail Returned to Sender",
             f"Date: {now}", f"Message-ID: {make_msgid(domain=hostname)}",
             "Auto-Submitted: auto-replied", "MIME-Version: 1.0",
             f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
@@ -3600,7 +3625,7 @@ STATE_SCHEMA = {
     "tunnel": {"state": TEXT, "pid": NUMBER, "since": NUMBER, "stops_at": NUMBER,
                "session": FLAG, "failures": NUMBER, "retry_at": NUMBER, "last_error": TEXT},
     "queue": {"dir": TEXT, "count": NUMBER, "oldest": NUMBER, "next_try": NUMBER,
-              "failed": NUMBER},
+              "failed": NUMBER, "untold": NUMBER},
 }
 
 
@@ -4064,7 +4089,8 @@ def describe_queue_state(queue, now):
         line += f", the oldest for {format_duration(now - queue['oldest'])}"
     if queue.get("next_try"):
         line += f", next try in {format_duration(queue['next_try'] - now)}"
-    return f"{line}; {queue['failed'] or 0:.0f} failed; in {queue['dir']}"
+    untold = f" ({queue['untold']:.0f} nobody was told about)" if queue.get("untold") else ""
+    return f"{line}; {queue['failed'] or 0:.0f} failed{untold}; in {queue['dir']}"
 
 
 def format_duration(seconds):
@@ -4085,7 +4111,7 @@ def queue_directory(explicit, settings_file, pidfile):
     return running or default_paths().queue
 
 
-def show_queue(directory, as_json):
+def show_queue(directory, as_json, admin=None):
     """List the queued and the failed mail; exit 0, or 1 if it cannot be read."""
     import json
     spool = Spool(directory)
@@ -4105,23 +4131,27 @@ def show_queue(directory, as_json):
         raise Fatal(f"cannot read the queue in {directory}: {whose} (try sudo)") from None
     if as_json:
         entries = [{**describe_envelope(e), "state": "queued"} for e in queued] + \
-                  [{**describe_envelope(e), "state": "failed"} for e in failed]
+                  [{**describe_envelope(e), "state": "failed", "untold": untold(e, admin)}
+                   for e in failed]
         print(json.dumps({"dir": directory, "messages": entries}, indent=1))
     else:
-        print("\n".join(queue_listing(directory, queued, failed, time.time())))
+        print("\n".join(queue_listing(directory, queued, failed, time.time(), admin)))
     return 0
 
 
-def queue_listing(directory, queued, failed, now):
+def queue_listing(directory, queued, failed, now, admin=None):
     """The lines `minimail queue` prints (everything from disk escaped)."""
-    lines = [f"queue in {directory}: {len(queued)} message(s) waiting, {len(failed)} failed"]
+    told = sum(untold(e, admin) for e in failed)
+    lines = [f"queue in {directory}: {len(queued)} message(s) waiting, {len(failed)} failed"
+             + (f" ({told} nobody was told about)" if told else "")]
     for envelope in queued:
         lines += [queue_line(envelope, now),
                   f"    {envelope.attempts} attempt(s); next try in "
                   f"{format_duration(envelope.next_try - now)}; last reply: "
                   f"{printable(envelope.last_reply or 'none', 200)}"]
     for envelope in failed:
-        lines.append(queue_line(envelope, now) + "  FAILED")
+        lines.append(queue_line(envelope, now) + "  FAILED"
+                     + (", nobody was told" if untold(envelope, admin) else ""))
         lines += [f"    <{printable(recipient, 100)}>: {printable(reply, 200)}"
                   for recipient, reply in envelope.failures]
     return lines
@@ -4689,8 +4719,8 @@ def sendmail_main(argv):
         except UsageError as exc:
             raise SendmailExit(EX_CONFIG, str(exc)) from None
         if flags.mode == "p":
-            return show_queue(queue_directory(None, settings_file, sendmail_pidfile(settings_file)),
-                              as_json=False)
+            return show_queue(mailq_directory(settings_file), as_json=False,
+                              admin=settings_file.admin)
         if flags.mode == "q":
             return flush(sendmail_pidfile(settings_file))
         if flags.mode == "i":
@@ -4729,6 +4759,20 @@ def newaliases(path):
     count = len(aliases.table)
     print(f"{path}: {count} alias{'' if count == 1 else 'es'}")
     return 1 if aliases.problems else EX_OK
+
+
+#: Where the machine's minimail keeps its queue: root's daemon, the service.
+MACHINE_QUEUES = ("/var/spool/minimail", "/var/lib/minimail/queue")
+
+
+def mailq_directory(settings_file, machine_queues=MACHINE_QUEUES):
+    """The queue mailq lists: the settings file's --queue, a running daemon's
+    (the user's own), the user's own queue if there is one, else the machine's
+    minimail's (root's daemon's, the service's), which may need root to read."""
+    found = queue_directory(None, settings_file, sendmail_pidfile(settings_file))
+    if found != default_paths().queue or os.path.exists(found):
+        return found
+    return next((queue for queue in machine_queues if os.path.exists(queue)), found)
 
 
 def sendmail_pidfile(settings_file):
@@ -5239,8 +5283,9 @@ def dispatch(args, settings_file):
         return flush(pidfile)
     if args["queue"]:
         log_to_stderr(args["--verbose"])
-        return show_queue(queue_directory(args["--queue"], settings_file, pidfile), args["--json"])
-    settings = Settings(args)
+        return show_queue(queue_directory(args["--queue"], settings_file, pidfile), args["--json"],
+                          settings_file.admin)
+    settings = Settings(args, settings_file)
     if args["check"]:
         if not settings.destination:
             raise UsageError("check tries ssh: it needs DESTINATION, not --tunnel-command")
