@@ -300,6 +300,8 @@ STOP_MARGIN = 15.0
 DEFAULT_DRAIN = 10.0
 #: How long `minimail check` waits for the far side's greeting.
 CHECK_GREETING_WAIT = 10.0
+#: The settings file of the service, and of root's sendmail command (cron's).
+ROOT_SETTINGS = "/etc/default/minimail"
 #: The aliases file (aliases(5)) the sendmail command reads, unless MINIMAIL_ALIASES says.
 DEFAULT_ALIASES = "/etc/aliases"
 #: The file that names this machine's mail domain; $MINIMAIL_MAILNAME names another.
@@ -4213,7 +4215,7 @@ def check_step(ok, text, fix=None):
     return ok
 
 
-def check(settings, settings_file):
+def check(settings, settings_file, invoker=None):
     """Try the tunnel once, as the daemon would, and say in plain words what works."""
     import shutil
     from gevent import spawn
@@ -4240,7 +4242,7 @@ def check(settings, settings_file):
         return 1
     closed = supervisor.all_gone.is_set()
     check_step(closed, f"tunnel closed (ssh {describe_exit(supervisor.last_exit)})")
-    show_sendmail_settings(settings_file)
+    show_sendmail_settings(settings_file, invoker)
     if greeted and closed:
         print(f"all good: minimail can send mail through {settings.destination}")
         return 0
@@ -4255,7 +4257,7 @@ def try_the_tunnel(supervisor, settings):
     try:
         upstream, child = supervisor.connect(settings.wait)
     except TunnelUnavailable as exc:
-        explain_tunnel_failure(supervisor.last_child, exc)
+        explain_tunnel_failure(supervisor.last_child, exc, settings)
         return None
     for _, passed, _ in CHECK_STEPS:
         check_step(True, passed)
@@ -4282,7 +4284,7 @@ def ssh_version(program):
     return printable(result.stderr or result.stdout, 200)
 
 
-def explain_tunnel_failure(child, exc):
+def explain_tunnel_failure(child, exc, settings):
     """Report which step failed, from ssh's own words."""
     said = list(child.said) if child else []
     failed_step, fix = "reach", "run ssh DESTINATION by hand to see what it wants"
@@ -4291,12 +4293,31 @@ def explain_tunnel_failure(child, exc):
         if re.search(pattern, telling):
             failed_step, fix = step, advice
             break
+    if failed_step == "host key" and "~/.ssh/known_hosts" in fix:
+        fix = fix.replace("~/.ssh/known_hosts", known_hosts_file(settings))
     for step, passed, failed in CHECK_STEPS:
         if step == failed_step:
             check_step(False, failed if said else f"{failed}: {exc}", fix)
             break
         check_step(True, passed)
     show_ssh_said(child)
+
+
+def known_hosts_file(settings):
+    """The known_hosts file ssh really uses for DESTINATION: the first of
+    UserKnownHostsFile, as `ssh -G` (the --ssh program, the -o options) says."""
+    import subprocess
+    options = [word for option in settings.ssh_options for word in ("-o", option)]
+    try:
+        result = subprocess.run([*settings.ssh, *options, "-G", settings.destination],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "~/.ssh/known_hosts"
+    for line in result.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        if key.lower() == "userknownhostsfile" and value.split():
+            return printable(value.split()[0], 200)
+    return "~/.ssh/known_hosts"
 
 
 def show_ssh_said(child):
@@ -4330,19 +4351,52 @@ def check_greeting(upstream, settings):
                       f"check --remote: {settings.remote} is not an SMTP server")
 
 
-def show_sendmail_settings(settings_file):
-    """What `minimail sendmail` (and a sendmail symlink) would use."""
+def show_sendmail_settings(settings_file, user=None):
+    """What `minimail sendmail` (and a sendmail symlink) would do for the user
+    who runs check, and for root (cron's jobs), whose settings file may be another."""
+    user = user or pwd.getpwuid(os.getuid()).pw_name
+    describe_sendmail(settings_file, user)
+    if user != "root" and settings_file.path != ROOT_SETTINGS:
+        try:
+            root_file = SettingsFile.read(ROOT_SETTINGS) if os.path.exists(ROOT_SETTINGS) \
+                else SettingsFile()
+        except UsageError as exc:
+            print(f"sendmail settings for root: {exc}")
+        else:
+            describe_sendmail(root_file, "root")
+
+
+def describe_sendmail(settings_file, user):
+    """The lines of show_sendmail_settings for one settings file."""
     where = settings_file.path or "no settings file (see Settings in --help)"
     try:
         family, ip, port = settings_file.listen()
         submits = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
     except UsageError as exc:
         submits = f"nowhere: {exc}"
-    print(f"sendmail settings: {where}")
+    names = MailNames(settings_file)
+    print(f"sendmail settings: {where} (for {user})")
     print(f"        submits to minimail at {submits}")
-    print(f"        sender: {settings_file.sender or default_sender() + ' (MINIMAIL_SENDER not set)'}")
+    print(f"        sender (of local mail, -f root@HOST too): {names.masquerade() or 'none'}"
+          + ("" if settings_file.sender else " (MINIMAIL_SENDER not set)"))
     print(f"        admin (for mail to root and other local names): "
           f"{settings_file.admin or 'not set: such mail is refused until MINIMAIL_ADMIN is set'}")
+    print(f"        aliases: {describe_aliases(settings_file.aliases)}")
+    print(f"        mail name (Message-IDs, bounces): {names.mail_name()}")
+    if not settings_file.sender and not settings_file.admin:
+        print("        warning: neither MINIMAIL_SENDER nor MINIMAIL_ADMIN is set: mail from "
+              "local users and to local names (cron's) cannot go out as it should")
+
+
+def describe_aliases(path):
+    try:
+        aliases = Aliases.read(path)
+    except FileNotFoundError:
+        return f"{path}: no such file (local names go to the admin address)"
+    except OSError as exc:
+        return f"{path}: cannot read it ({exc.strerror})"
+    problems = f"; {len(aliases.problems)} problem(s): see newaliases" if aliases.problems else ""
+    return f"{path}, {len(aliases.table)} alias(es){problems}"
 
 
 # ---------------------------------------------------------------------------
@@ -5291,11 +5345,11 @@ def dispatch(args, settings_file):
             raise UsageError("check tries ssh: it needs DESTINATION, not --tunnel-command")
         logging.disable(logging.NOTSET if settings.verbose else logging.CRITICAL)
         log_to_stderr(settings.verbose)
-        user = target_user(settings)
+        user, invoker = target_user(settings), pwd.getpwuid(os.getuid()).pw_name
         if user is not None:              # ssh runs as the daemon's would: that user's keys
             preload()
             drop_privileges(user)
-        return check(settings, settings_file)
+        return check(settings, settings_file, invoker)
     if args["restart"] and daemon_pid(settings.pidfile or pidfile):
         stop(settings.pidfile or pidfile)
     return start(settings, foreground=args["--foreground"])
