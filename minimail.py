@@ -4565,7 +4565,8 @@ def parse_aliases(text):
 
 def parse_alias(line):
     """(name, targets, None) of one logical line, or (None, None, the problem)."""
-    if line.startswith('"'):
+    quoted = line.startswith('"')
+    if quoted:                            # "a name with : or white space": ...
         end = line.find('"', 1)
         name, rest = (line[1:end], line[end + 1:].lstrip()) if end > 0 else ("", "")
     else:
@@ -4573,7 +4574,7 @@ def parse_alias(line):
         name, rest = name.strip(), ":" + rest if _ else ""
     if not rest.startswith(":"):
         return None, None, f"no colon: not `name: target, ...` ({printable(line, 60)})"
-    if not name or not name.isprintable() or any(c.isspace() for c in name):
+    if not name or not name.isprintable() or (not quoted and any(c.isspace() for c in name)):
         return None, None, f"{printable(name, 60)!r} is not an alias name"
     targets = [unquoted(t.strip()) for t in split_outside_quotes(rest[1:], ",")]
     targets = [t for t in targets if t]
