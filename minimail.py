@@ -128,8 +128,10 @@ $MINIMAIL_CONFIG, else $XDG_CONFIG_HOME/minimail/minimail.conf
 /etc/default/minimail.  It holds shell-style lines: MINIMAIL_DESTINATION
 (user@hoster), MINIMAIL_OPTIONS (options, split as a shell would: --listen
 there is where sendmail submits), MINIMAIL_SENDER (the envelope sender of
-local mail) and MINIMAIL_ADMIN (where mail to a local name such as root
-goes).  Options on the command line win over the file's.
+local mail), MINIMAIL_ADMIN (where mail to a local name such as root
+goes) and MINIMAIL_ALIASES (the aliases file, /etc/aliases by default).
+Values are read as a shell reads them: quotes, and a # that starts a word
+begins a comment.  Options on the command line win over the file's.
 
 The sendmail command: `minimail sendmail`, or minimail run under the name
 sendmail (a symlink), reads one message from standard input and submits it
@@ -142,7 +144,21 @@ output), -q (flush), -v (show the SMTP dialogue); any other -o... and the
 historic -L, -N, -R, -V, -X, -h and -C with their values are ignored.  Exit
 status as sysexits.h: 0 accepted, 64 usage, 65 bad message, 67 every
 recipient refused, 69 refused for another reason, 75 try again later
-(minimail cannot be reached, or answered 4xx).
+(minimail cannot be reached, or answered 4xx), 78 the settings are wrong.
+
+Local mail: the sendmail command is the machine's MTA, and no address
+leaves bare or at a name of this machine (localhost, the host name, its
+FQDN, the mail name).  Local recipients are looked up in the aliases file
+(aliases(5); chains followed, loops stopped; |command, /file and :include:
+are never run or read); what stays local goes to MINIMAIL_ADMIN.  A local
+sender (-f root@HOST too) becomes MINIMAIL_SENDER, else MINIMAIL_ADMIN, in
+the envelope and in From, Sender and Reply-To; local addresses in To and
+Cc become where the mail goes.  The mail name, for the Message-IDs the
+command adds and the daemon's bounces, is /etc/mailname's if dotted (the
+environment's MINIMAIL_MAILNAME names another file), else the FQDN if
+dotted, else the domain of MINIMAIL_SENDER.  `newaliases` (a symlink) and
+`sendmail -bi` check the aliases file: they print how many aliases it
+holds and exit 0, or name each bad line and exit 1.
 
 Files: as root, the pid file is /run/minimail/minimail.pid, the log
 /var/log/minimail.log and the queue /var/spool/minimail; otherwise the pid
