@@ -622,6 +622,20 @@ def test_deliverable_recipients_are_each_once_and_need_an_admin():
     assert failure.value.status == 78
 
 
+def test_the_envelope_sender_is_masqueraded_unless_real():
+    settings = minimail.SettingsFile(path="/etc/default/minimail")
+    assert minimail.envelope_sender(None, settings, names()) == SENDER         # the user's
+    assert minimail.envelope_sender("root@vm", settings, names()) == SENDER    # mailutils'
+    assert minimail.envelope_sender("dev@example.org", settings, names()) == "dev@example.org"
+    assert minimail.envelope_sender("", settings, names()) == ""              # <>
+    nothing = names(sender=None, admin=None, mailname="", fqdn="vm")
+    with pytest.raises(minimail.SendmailExit) as failure:
+        minimail.envelope_sender("root", settings, nothing)
+    assert failure.value.status == 78
+    assert str(failure.value) == ("no sender address for local mail: set "
+                                  "MINIMAIL_SENDER=you@example.org in /etc/default/minimail")
+
+
 @pytest.mark.parametrize("given, wanted", [
     (b"From: root (Cron Daemon)", [b"From: Cron Daemon <me@example.org>"]),
     (b"From: root", [b"From: me@example.org"]),
