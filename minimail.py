@@ -4146,7 +4146,8 @@ def show_queue(directory, as_json, admin=None):
             whose = f"it belongs to {owner_name(os.stat(directory).st_uid)}"
         except OSError:
             whose = "permission denied"
-        raise Fatal(f"cannot read the queue in {directory}: {whose} (try sudo)") from None
+        raise Fatal(f"cannot read the queue in {directory}: {whose}; listing it needs root "
+                    f"(try sudo)") from None
     if as_json:
         entries = [{**describe_envelope(e), "state": "queued"} for e in queued] + \
                   [{**describe_envelope(e), "state": "failed", "untold": untold(e, admin)}
@@ -4393,7 +4394,7 @@ def describe_sendmail(settings_file, user):
     names = MailNames(settings_file)
     print(f"sendmail settings: {where} (for {user})")
     print(f"        submits to minimail at {submits}")
-    print(f"        sender (of local mail, -f root@HOST too): {names.masquerade() or 'none'}"
+    print(f"        sender (of local mail, -f root@HOST too): {names.masquerade(user) or 'none'}"
           + ("" if settings_file.sender else " (MINIMAIL_SENDER not set)"))
     print(f"        admin (for mail to root and other local names): "
           f"{settings_file.admin or 'not set: such mail is refused until MINIMAIL_ADMIN is set'}")
@@ -4426,6 +4427,8 @@ MAILNAME_MAX = 256
 ALIAS_STEPS_MAX = 1000
 #: The mail name when nothing better is known (never a bare short host name).
 MAIL_NAME_FALLBACK = "localhost.localdomain"
+#: Names every machine goes by (address literals included).
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "[127.0.0.1]", "[ipv6:::1]")
 #: A host name as minimail accepts it from a file or the resolver.
 HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,62}\.?)*", re.I)
 
@@ -4479,8 +4482,7 @@ class MailNames:
         self.real = {domain_of(a) for a in (self.sender, self.admin) if a} - {""}
         self.host = (hostname or socket.gethostname()).lower()
         self.file_name = read_mailname() if mailname is None else mailname
-        self.names = {"localhost", "localhost.localdomain", self.host, self.file_name} - \
-            self.real - {""}
+        self.names = {*LOOPBACK_NAMES, self.host, self.file_name} - self.real - {""}
         self.fqdn = fqdn
 
     def full_name(self):
@@ -4502,14 +4504,15 @@ class MailNames:
         return choose_mail_name(self.file_name, self.full_name, self.sender, self.admin) \
             or MAIL_NAME_FALLBACK
 
-    def masquerade(self):
+    def masquerade(self, user=None):
         """What a local sender becomes: MINIMAIL_SENDER, else MINIMAIL_ADMIN,
         else the user at the mail name (when that is this machine's dotted
         name), else None."""
         if self.sender or self.admin:
             return self.sender or self.admin
         name = choose_mail_name(self.file_name, self.full_name)
-        return f"{pwd.getpwuid(os.getuid()).pw_name}@{name}" if name else None
+        user = user or pwd.getpwuid(os.getuid()).pw_name
+        return f"{user}@{name}" if name else None
 
 
 class Aliases:

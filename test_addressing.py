@@ -473,7 +473,8 @@ def test_mailq_as_another_user_says_in_one_line_that_it_needs_root(run_dir):
         said = output.read()
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 69
-    assert said == f"minimail: cannot read the queue in {queue}: it belongs to root (try sudo)\n"
+    assert said == (f"minimail: cannot read the queue in {queue}: it belongs to root; listing it "
+                    f"needs root (try sudo)\n")
 
 
 def test_mailq_finds_the_machines_queue_when_the_user_has_none(tmp_path, monkeypatch):
@@ -539,7 +540,7 @@ def names(sender=SENDER, admin=ADMIN, mailname=MAIL_NAME, fqdn="vm.lan"):
 def test_which_addresses_are_local():
     here = names()
     for address in ("root", "root@vm", "root@VM.lan", "root@localhost", "x@localhost.localdomain",
-                    f"cron@{MAIL_NAME}", "a@vm."):
+                    f"cron@{MAIL_NAME}", "a@vm.", "root@[127.0.0.1]"):
         assert here.is_local(address), address
     for address in ("me@example.org", "a@example.net", "a@vm.example.org", "a@lan"):
         assert not here.is_local(address), address
