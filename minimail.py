@@ -3193,14 +3193,14 @@ def make_bounce(envelope, failures, header, hostname, expired, to=None):
     short text in plain words, message/delivery-status per recipient, and the
     original's header.  hostname: the mail name."""
     to = envelope.sender if to is None else to
+    whose = "Your message" if to == envelope.sender else "A message that bounced, or had no sender,"
     from email.utils import formatdate, make_msgid
     now = formatdate(localtime=True)
     boundary = f"{envelope.id}.{os.urandom(4).hex()}/{hostname}"
     why = (f"it could not be delivered in {len(failures) and ''}the time allowed"
            if expired else "the hoster refused it")
     plain = [f"This is minimail on {hostname}.", "",
-             f"{'Your message' if to == envelope.sender else 'A message that bounced, or had no sender,'}"
-             f" (queue ID {envelope.id}) was not delivered to the recipients",
+             f"{whose} (queue ID {envelope.id}) was not delivered to the recipients",
              f"below: {why}. Nothing more will be tried for them.", ""]
     plain += [f"<{recipient}>: {reply}" for recipient, reply in failures]
     per_recipient = []
@@ -4574,7 +4574,8 @@ def parse_aliases(text):
     for number, line in lines:
         name, targets, problem = parse_alias(line)
         if problem is None and name in table:
-            problem = f"{name} is given again (first on line {first_seen[name]}): this one is ignored"
+            problem = (f"{name} is given again (first on line {first_seen[name]}): "
+                       f"this one is ignored")
         if problem is not None:
             problems.append((number, problem))
             continue
@@ -4864,7 +4865,6 @@ def submit_from_stdin(flags, recipients, settings_file):
     """Read the message, address it and complete its header as an MTA would
     (see "Local mail"), submit it."""
     hostname = smtp_hostname()
-    names = MailNames(settings_file, hostname=hostname)
     text = read_message(sys.stdin.buffer, flags.dot_ends)
     header, body = split_header(text)
     if flags.recipients_from_header:
@@ -4875,18 +4875,12 @@ def submit_from_stdin(flags, recipients, settings_file):
         recipients = found + recipients
     if not recipients:
         raise SendmailExit(EX_USAGE, "no recipients given (name them, or use -t)")
-    for address in (flags.sender or "", *recipients):
-        if address and not valid_address(address):
-            raise SendmailExit(EX_USAGE, f"'{printable(address, 100)}' is not an address "
-                                         f"(no line breaks, control characters or <>)")
-    aliases = Aliases.load(settings_file.aliases)
-    recipients = deliverable(recipients, settings_file, aliases, names, show_notes=True)
-    sender = envelope_sender(flags.sender, settings_file, names)
+    check_addresses(flags.sender or "", *recipients)
     if flags.full_name is not None and not flags.full_name.isprintable():
         raise SendmailExit(EX_USAGE, "-F: the name may hold no line breaks or control characters")
-    delivered = lambda address: deliverable([address], settings_file, aliases, names, quiet=True)
-    header = rewrite_header(header, names.is_local, names.masquerade(), delivered)
-    header = completed_header(header, sender, flags.full_name, names.mail_name())
+    sender, recipients, header = address_locally(flags, recipients, header, settings_file,
+                                                 hostname)
+    check_addresses(sender, *recipients)
     message = b"".join(line + b"\r\n" for line in header) + b"\r\n" + body
     options = []
     if flags.body == "7BIT":
@@ -4899,8 +4893,25 @@ def submit_from_stdin(flags, recipients, settings_file):
                   flags.verbose, hostname)
 
 
-def default_sender(hostname=None):
-    return f"{pwd.getpwuid(os.getuid()).pw_name}@{hostname or smtp_hostname()}"
+def check_addresses(*addresses):
+    for address in addresses:
+        if address and not valid_address(address):
+            raise SendmailExit(EX_USAGE, f"'{printable(address, 100)}' is not an address "
+                                         f"(no line breaks, control characters or <>)")
+
+
+def address_locally(flags, recipients, header, settings_file, hostname):
+    """The sendmail command as the machine's MTA (see "Local mail" in --help):
+    (the envelope sender, the recipients as the aliases lead, the header with
+    its local addresses rewritten and Date, Message-ID and From added)."""
+    names = MailNames(settings_file, hostname=hostname)
+    aliases = Aliases.load(settings_file.aliases)
+    recipients = deliverable(recipients, settings_file, aliases, names, show_notes=True)
+    sender = envelope_sender(flags.sender, settings_file, names)
+    delivered = lambda address: deliverable([address], settings_file, aliases, names, quiet=True)
+    header = rewrite_header(header, names.is_local, names.masquerade(), delivered)
+    header = completed_header(header, sender, flags.full_name, names.mail_name())
+    return sender, recipients, header
 
 
 def read_message(stream, dot_ends):
@@ -5071,7 +5082,8 @@ def format_mailbox(name, address):
     """`name <address>`, the name quoted when it must be; a bare address without one."""
     if not name:
         return address
-    if not (name.startswith('"') or name.startswith("=?")) and re.search(r'[()<>\[\]:;@\\,"]', name):
+    plain = not name.startswith(('"', "=?"))
+    if plain and re.search(r'[()<>\[\]:;@\\,"]', name):
         name = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return f"{name} <{address}>"
 
