@@ -4670,29 +4670,31 @@ def expand(recipient, aliases, names):
             found.append(TO_ADMIN)
             break
         kind = target_kind(address, names)
-        if kind is Expansion.ADDRESS:
-            found.append(address)
-            continue
-        if kind is not Expansion.LOCAL:
-            notes.append(f"{printable(chain[-1] if chain else recipient, 100)}: "
-                         f"{printable(address, 100)} is {kind.value}, which minimail never "
-                         f"{'runs' if kind is Expansion.COMMAND else 'reads'}: that mail goes "
-                         f"to the admin address")
-            found.append(TO_ADMIN)
-            continue
         name = local_part(address).lower()
-        if name in chain:
-            if chain[-1] != name:             # `root: root, ...` only means "keep a copy too"
-                notes.append(f"alias loop: {printable(' -> '.join(chain + (name,)), 200)}: "
-                             f"that mail goes to the admin address")
-            found.append(TO_ADMIN)
+        targets = aliases.table.get(name) if kind is Expansion.LOCAL and name not in chain \
+            and not name.startswith("\\") else None
+        if targets is not None:
+            todo[0:0] = [(target, chain + (name,)) for target in targets]
             continue
-        targets = None if name.startswith("\\") else aliases.table.get(name)
-        if targets is None:
-            found.append(TO_ADMIN)
-            continue
-        todo[0:0] = [(target, chain + (name,)) for target in targets]
+        found.append(address if kind is Expansion.ADDRESS else TO_ADMIN)
+        note = expansion_note(kind, address, name, chain or (recipient,))
+        if note:
+            notes.append(note)
     return found, notes
+
+
+def expansion_note(kind, address, name, chain):
+    """What the sendmail command says on stderr of a target that goes to the
+    admin address instead: a command, a file, a loop (None: nothing to say)."""
+    if kind in (Expansion.COMMAND, Expansion.FILE, Expansion.INCLUDE):
+        return (f"{printable(chain[-1], 100)}: {printable(address, 100)} is {kind.value}, which "
+                f"minimail never {'runs' if kind is Expansion.COMMAND else 'reads'}: that mail "
+                f"goes to the admin address")
+    if kind is Expansion.LOCAL and name in chain and chain[-1] != name:
+        # (`root: root, ...` is no loop: it only means "keep a copy here too")
+        return (f"alias loop: {printable(' -> '.join(chain + (name,)), 200)}: that mail goes "
+                f"to the admin address")
+    return None
 
 
 def admin_address(settings_file, names):
