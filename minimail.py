@@ -4455,12 +4455,19 @@ def read_mailname(path=None):
     lower case; '' when there is none or it is no host name."""
     path = path or os.environ.get("MINIMAIL_MAILNAME") or MAILNAME_FILE
     try:
-        with open(path, "rb") as f:
-            text = f.read(MAILNAME_MAX)
+        text = read_small_file(path, MAILNAME_MAX)
     except OSError:
         return ""
     name = (text.decode("ascii", "replace").split() or [""])[0].lower().rstrip(".")
     return name if HOST_NAME.fullmatch(name) and len(name) <= 253 else ""
+
+
+def read_small_file(path, limit):
+    """At most limit bytes of a file, opened so that a FIFO or a device never
+    stalls the command (/dev/null is an empty file, as a user means it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        return f.read(limit) or b""
 
 
 def choose_mail_name(file_name, fqdn, sender=None, admin=None):
@@ -4525,8 +4532,7 @@ class Aliases:
     @classmethod
     def read(cls, path):
         """The file's aliases (OSError if it cannot be read)."""
-        with open(path, "rb") as f:
-            text = f.read(ALIASES_MAX + 1)
+        text = read_small_file(path, ALIASES_MAX + 1)
         if len(text) > ALIASES_MAX:
             return cls(path, {}, [(0, f"larger than {ALIASES_MAX} bytes: not read")])
         return cls(path, *parse_aliases(text.decode("utf-8", "replace")))
