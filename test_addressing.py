@@ -574,6 +574,10 @@ def test_the_mail_name_file(tmp_path, monkeypatch):
     path.write_text("desktop.example.net\n")
     assert minimail.read_mailname() == "desktop.example.net"
     assert minimail.read_mailname(str(tmp_path / "missing")) == ""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)                                   # nothing writes: it must not stall
+    assert minimail.read_mailname(str(fifo)) == ""
+    assert minimail.Aliases.read(str(fifo)).table == {}
 
 
 def test_aliases_are_parsed_as_aliases_5_says():
