@@ -170,6 +170,7 @@ import collections
 import enum
 import errno
 import fcntl
+import io
 import ipaddress
 import logging
 import math
@@ -2037,6 +2038,27 @@ HEADER_QUOTE_MAX = 64 * 1024
 SPOOL_DIRS = ("tmp", "queued", "failed")
 #: A stored message's first line: this, then its envelope in JSON, then CRLF.
 ENVELOPE_LINE = b"MINIMAIL-ENVELOPE "
+#: The queue's subdirectory where the sendmail command leaves mail while
+#: minimail is down, and its mode: any user may add a file; nobody but
+#: minimail's user may list it, or remove another's file (sticky).
+MAILDROP, MAILDROP_MODE = "maildrop", 0o1733
+#: Where what the maildrop refuses is moved aside (0700, minimail's).
+REFUSED = "refused"
+#: A maildrop file's first line: this, then its envelope in JSON, then CRLF.
+MAILDROP_LINE = b"MINIMAIL-MAILDROP "
+#: The longest envelope line of a maildrop file.
+MAILDROP_ENVELOPE_MAX = 1024 * 1024
+#: The most recipients a maildrop file may name (queued MAX_RECIPIENTS a message).
+MAILDROP_RECIPIENTS_MAX = 5000
+#: The daemon looks into the maildrop at least this often (and at start, on flush).
+MAILDROP_EVERY = 60.0
+#: At most this many files are taken in in one look (a flood waits for the next).
+MAILDROP_BATCH = 1000
+#: The mode of a maildrop file: a daemon that is not root must read it (its
+#: name is unguessable and the directory cannot be listed).
+MAILDROP_FILE_MODE = 0o644
+#: The daemon's queue when root starts it, and the service's.
+ROOT_QUEUE, SERVICE_QUEUE = "/var/spool/minimail", "/var/lib/minimail/queue"
 
 
 def new_queue_id():
@@ -2177,9 +2199,9 @@ class Draft:
         remove_quietly(self.path)
 
 
-def remove_quietly(path):
+def remove_quietly(path, dir_fd=None):
     try:
-        os.unlink(path)
+        os.unlink(path, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
 
@@ -3238,7 +3260,7 @@ Paths = collections.namedtuple("Paths", "pidfile logfile queue")
 def default_paths():
     """Where the daemon's files go when not told otherwise."""
     if os.geteuid() == 0:
-        return Paths("/run/minimail/minimail.pid", "/var/log/minimail.log", "/var/spool/minimail")
+        return Paths("/run/minimail/minimail.pid", "/var/log/minimail.log", ROOT_QUEUE)
     state_home = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     state = os.path.join(state_home, "minimail")
     runtime = os.environ.get("XDG_RUNTIME_DIR")
@@ -4271,6 +4293,17 @@ class SendmailExit(Exception):
         self.status = status
 
 
+class Unreachable(SendmailExit):
+    """minimail cannot be reached: nothing listens, or it went away before its
+    final reply.  Only this sends the mail to the maildrop (a reply, even a 4xx,
+    means minimail runs and has spoken)."""
+
+    def __init__(self, what, detail, message):
+        super().__init__(EX_TEMPFAIL, message)
+        self.what = what                  # "is not running", "went away"
+        self.detail = detail              # where, and what happened
+
+
 SendmailFlags = collections.namedtuple(
     "SendmailFlags", "recipients_from_header dot_ends sender full_name body mode verbose")
 
@@ -4373,10 +4406,10 @@ def settings_listen(settings_file):
 
 
 def submit_from_stdin(flags, recipients, settings_file):
-    """Read the message, complete its header as an MTA would, submit it."""
+    """Read the message, complete its header as an MTA would, submit it (or,
+    when minimail cannot be reached, leave it in the maildrop)."""
     hostname = smtp_hostname()
-    text = read_message(sys.stdin.buffer, flags.dot_ends)
-    header, body = split_header(text)
+    header, body = read_message(sys.stdin.buffer, flags.dot_ends)
     if flags.recipients_from_header:
         found, header = header_recipients(header)
         if not found and not recipients:
@@ -4395,16 +4428,19 @@ def submit_from_stdin(flags, recipients, settings_file):
     if flags.full_name is not None and not flags.full_name.isprintable():
         raise SendmailExit(EX_USAGE, "-F: the name may hold no line breaks or control characters")
     header = completed_header(header, sender, flags.full_name, hostname)
-    message = b"".join(line + b"\r\n" for line in header) + b"\r\n" + body
+    message = MessageFile(b"".join(line + b"\r\n" for line in header) + b"\r\n", body)
     options = []
     if flags.body == "7BIT":
         options.append("BODY=7BIT")
-    elif flags.body == "8BITMIME" or not message.isascii():
+    elif flags.body == "8BITMIME" or message.eight_bit:
         options.append("BODY=8BITMIME")
     if not all(a.isascii() for a in (sender, *recipients)):
         options.append("SMTPUTF8")
-    return submit(settings_listen(settings_file), sender, recipients, message, options,
-                  flags.verbose, hostname)
+    try:
+        return submit(settings_listen(settings_file), sender, recipients, message, options,
+                      flags.verbose, hostname)
+    except Unreachable as exc:
+        return keep_in_maildrop(exc, settings_file, sender, recipients, message, options)
 
 
 def default_sender(hostname=None):
@@ -4412,18 +4448,161 @@ def default_sender(hostname=None):
 
 
 def read_message(stream, dot_ends):
-    """Standard input up to its end (or, unless -i, a line with a lone dot),
-    with its line ends made CRLF."""
-    lines = []
-    for line in stream:
-        line = line.rstrip(b"\n").rstrip(b"\r")
+    """(header lines, body) of standard input up to its end (or, unless -i, a
+    line with a lone dot), with its line ends made CRLF.  The header is kept as
+    lines, to be completed; the body goes to a temporary file as it comes, so
+    a large message costs little memory."""
+    try:
+        head, ended, rest = read_head(stream, dot_ends)
+        header, start = split_header(b"".join(line + b"\r\n" for line in head))
+        body = MessageBody()
+        body.write(start)
+        if not ended:
+            copy_body(stream, body, dot_ends, rest)
+    except OSError as exc:
+        raise SendmailExit(EX_TEMPFAIL, f"cannot keep the message in a temporary file in "
+                                        f"{scratch_directory()}: {exc.strerror}") from None
+    return header, body
+
+
+def read_head(stream, dot_ends):
+    """The message's first lines, without their line ends, up to the first that
+    cannot be part of the header (at most HEADER_MAX bytes): (lines, whether
+    the input ended, the start of a line too long to be a header line)."""
+    lines, size = [], 0
+    while size < HEADER_MAX:
+        raw = stream.readline(HEADER_MAX)
+        if len(raw) == HEADER_MAX and not raw.endswith(b"\n"):
+            return lines, False, raw
+        if not raw:
+            return lines, True, b""
+        line = raw.rstrip(b"\n").rstrip(b"\r")
         if dot_ends and line == b".":
-            break
+            return lines, True, b""
         lines.append(line)
-    return b"".join(line + b"\r\n" for line in lines)
+        size += len(raw)
+        if not (HEADER_FIELD.match(line) or line[:1] in (b" ", b"\t")
+                or (len(lines) == 1 and line.startswith(b"From "))):
+            break
+    return lines, False, b""
+
+
+#: A line end as the sendmail command takes it: LF, after any CRs.
+LINE_END = re.compile(rb"\r*\n")
+
+
+def copy_body(stream, body, dot_ends, carry=b""):
+    """The rest of standard input into body, chunk by chunk, with its line ends
+    made CRLF, up to its end or (dot_ends) a line with a lone dot."""
+    line_start = True                     # carry begins a line
+    while True:
+        chunk = stream.read1(CHUNK_SIZE)
+        if not chunk:
+            break
+        data = carry + chunk
+        end = data.rfind(b"\n") + 1
+        if end:
+            text, carry = LINE_END.sub(b"\r\n", data[:end]), data[end:]
+            cut = lone_dot(text, line_start) if dot_ends else -1
+            body.write(text if cut < 0 else text[:cut])
+            if cut >= 0:
+                return
+            line_start = True
+        else:
+            carry = data
+        if len(carry) > CHUNK_SIZE:       # a long line goes on in pieces
+            piece = carry.rstrip(b"\r") or carry[:-1]
+            body.write(piece)
+            carry, line_start = carry[len(piece):], False
+    last = carry.rstrip(b"\r")
+    if carry and not (dot_ends and line_start and last == b"."):
+        body.write(last + b"\r\n")
+
+
+def lone_dot(text, line_start):
+    """Where the line with a lone dot begins in CRLF text, or -1."""
+    if line_start and text.startswith(b".\r\n"):
+        return 0
+    found = text.find(b"\r\n.\r\n")
+    return found + 2 if found >= 0 else -1
+
+
+def scratch_directory():
+    return os.environ.get("TMPDIR") or "/tmp"
+
+
+def scratch_file():
+    """A new temporary file without a name (0600), in $TMPDIR or /tmp: its descriptor."""
+    directory = scratch_directory()
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+    path = os.path.join(directory, f".minimail-{os.urandom(16).hex()}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.unlink(path)
+    return fd
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class MessageBody:
+    """A message's body in a temporary file, written once as it is read."""
+
+    def __init__(self):
+        self.fd = scratch_file()
+        self.size = 0
+        self.eight_bit = False
+
+    def write(self, data):
+        self.eight_bit = self.eight_bit or not data.isascii()
+        self.size += len(data)
+        write_all(self.fd, data)
+
+
+class MessageFile(io.RawIOBase):
+    """The message as one file that can be read again from any point: its
+    header's bytes, then the body's temporary file."""
+
+    def __init__(self, head, body):
+        super().__init__()
+        self.head, self.body, self.position = head, body, 0
+        self.size = len(head) + body.size
+        self.eight_bit = body.eight_bit or not head.isascii()
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.position
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer):
+        if self.position < len(self.head):
+            data = self.head[self.position:self.position + len(buffer)]
+        else:
+            data = os.pread(self.body.fd, len(buffer), self.position - len(self.head))
+        buffer[:len(data)] = data
+        self.position += len(data)
+        return len(data)
 
 
 HEADER_FIELD = re.compile(rb"[!-9;-~]+:")
+#: The most of a message's header the sendmail command keeps in memory (the
+#: rest, if a header is longer, goes on as the body's beginning).
+HEADER_MAX = 1024 * 1024
 
 
 def split_header(text):
@@ -4525,10 +4704,20 @@ class Submission:
         try:
             self.sock = socket.create_connection((ip, port), timeout=SUBMIT_TIMEOUT)
         except OSError as exc:
-            raise SendmailExit(EX_TEMPFAIL, f"cannot reach minimail at {self.where}: "
-                                            f"{describe_error(exc)} (is it running? minimail "
-                                            f"status)") from None
+            text = (f"cannot reach minimail at {self.where}: {describe_error(exc)} (is it "
+                    f"running? minimail status)")
+            if isinstance(exc, ConnectionRefusedError):      # nothing listens
+                raise Unreachable("is not running", f"{self.where}: {describe_error(exc)}",
+                                  text) from None
+            raise SendmailExit(EX_TEMPFAIL, text) from None
         self.replies = self.sock.makefile("rb")
+
+    def failed(self, exc):
+        """The exception for a connection that failed mid-way: gone, or timed out."""
+        if isinstance(exc, ConnectionError):                  # a reset, a broken pipe
+            return Unreachable("went away", f"{self.where}: {describe_error(exc)}",
+                               f"minimail at {self.where}: {describe_error(exc)}")
+        return SendmailExit(EX_TEMPFAIL, f"minimail at {self.where}: {describe_error(exc)}")
 
     def reply(self):
         """(code, the reply's lines joined) of the next reply."""
@@ -4537,15 +4726,14 @@ class Submission:
             while True:
                 line = self.replies.readline(REPLY_MAX * 2)
                 if not line:
-                    raise SendmailExit(EX_TEMPFAIL, f"minimail at {self.where} closed the "
-                                                    f"connection")
+                    raise Unreachable("went away", f"{self.where}: it closed the connection",
+                                      f"minimail at {self.where} closed the connection")
                 self.show("<<<", line)
                 lines.append(printable(line[4:], REPLY_MAX))
                 if line[3:4] != b"-":
                     break
         except OSError as exc:
-            raise SendmailExit(EX_TEMPFAIL, f"minimail at {self.where}: {describe_error(exc)}") \
-                from None
+            raise self.failed(exc) from None
         code = int(line[:3]) if line[:3].isdigit() else 0
         return code, " ".join(lines)
 
@@ -4554,8 +4742,7 @@ class Submission:
         try:
             self.sock.sendall(data)
         except OSError as exc:
-            raise SendmailExit(EX_TEMPFAIL, f"minimail at {self.where}: {describe_error(exc)}") \
-                from None
+            raise self.failed(exc) from None
 
     def command(self, line):
         self.send(line.encode("utf-8") + b"\r\n")
@@ -4599,8 +4786,7 @@ def submit(listen, sender, recipients, message, options, verbose, hostname):
             status = EX_NOUSER if all(c >= 500 for c, _ in refused.values()) else EX_TEMPFAIL
             raise SendmailExit(status, f"every recipient was refused: {code} {text}")
         smtp.expect(smtp.command("DATA"), 354)
-        stuffed = (b"." if message.startswith(b".") else b"") + message.replace(b"\r\n.", b"\r\n..")
-        smtp.send(stuffed + (b"" if stuffed.endswith(b"\r\n") else b"\r\n") + b".\r\n")
+        send_stuffed(smtp, message)
         smtp.expect(smtp.reply(), 250)
         try:
             smtp.command("QUIT")
@@ -4612,6 +4798,136 @@ def submit(listen, sender, recipients, message, options, verbose, hostname):
         print(f"minimail: <{printable(recipient, 100)}> was refused: {code} {text}",
               file=sys.stderr)
     return EX_OK
+
+
+def send_stuffed(smtp, message):
+    """The message's text, dot-stuffed, then the final dot: streamed from its
+    file (whose lines end in CRLF, so a dot after each LF is all to double)."""
+    message.seek(0)
+    line_start = True
+    while True:
+        chunk = message.read(CHUNK_SIZE)
+        if not chunk:
+            break
+        stuffed = chunk.replace(b"\n.", b"\n..")
+        smtp.send(b"." + stuffed if line_start and chunk.startswith(b".") else stuffed)
+        line_start = chunk.endswith(b"\n")
+    smtp.send(b".\r\n" if line_start else b"\r\n.\r\n")
+
+
+def keep_in_maildrop(unreachable, settings_file, sender, recipients, message, options):
+    """minimail cannot be reached: leave the message in its queue's maildrop,
+    which it takes in when it starts (exit 0).  With no maildrop, exit 75."""
+    queue, maildrop = find_maildrop(settings_file)
+    if maildrop is None:
+        raise unreachable
+    where = os.path.join(queue, MAILDROP)
+    try:
+        most = parse_count(settings_file.option("--max-size") or "52428800", "--max-size")
+    except UsageError:
+        most = None
+    if most is not None and message.size > most:
+        raise SendmailExit(EX_TEMPFAIL, f"{unreachable}; the message ({message.size} bytes) is "
+                                        f"larger than --max-size: not kept in {where}")
+    try:
+        write_to_maildrop(maildrop, maildrop_envelope(sender, recipients, options), message)
+    except OSError as exc:
+        raise SendmailExit(EX_TEMPFAIL, f"{unreachable}; and {where} cannot keep the mail: "
+                                        f"{exc.strerror}") from None
+    finally:
+        os.close(maildrop)
+    print(f"minimail: minimail {unreachable.what} ({unreachable.detail}): the mail waits in "
+          f"{where} and goes out once minimail runs", file=sys.stderr)
+    return EX_OK
+
+
+def find_maildrop(settings_file):
+    """(queue, the maildrop's descriptor, O_PATH) as the daemon would have made
+    it: --queue in the settings file, else the daemon's default queue (this
+    user's own, root's, the service's); (None, None) if there is none."""
+    options = split_argv(settings_file.options)[0]
+    if any(name == "--no-queue" for name, _ in options):
+        return None, None
+    named = settings_file.option("--queue")
+    for queue in [os.path.abspath(named)] if named else \
+            dict.fromkeys((default_paths().queue, ROOT_QUEUE, SERVICE_QUEUE)):
+        maildrop = open_maildrop(queue)
+        if maildrop is not None:
+            return queue, maildrop
+    return None, None
+
+
+def open_maildrop(queue):
+    """The queue's maildrop (O_PATH: it may be entered, not read), if it is
+    what the daemon makes: a directory, no link, sticky, owned by the queue's
+    owner; else None."""
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+    try:
+        parent = os.open(queue, flags)
+    except OSError:
+        return None
+    try:
+        maildrop = os.open(MAILDROP, flags | os.O_NOFOLLOW, dir_fd=parent)
+        owner = os.fstat(parent).st_uid
+    except OSError:
+        return None
+    finally:
+        os.close(parent)
+    st = os.fstat(maildrop)
+    if st.st_uid != owner or not st.st_mode & stat.S_ISVTX or not st.st_mode & stat.S_IWOTH:
+        os.close(maildrop)
+        return None
+    return maildrop
+
+
+def maildrop_envelope(sender, recipients, options):
+    """The first line of a maildrop file: what the daemon needs besides the text."""
+    import json
+    body = next((o.partition("=")[2] for o in options if o.startswith("BODY=")), None)
+    envelope = {"sender": sender, "recipients": recipients, "body": body,
+                "smtputf8": "SMTPUTF8" in options}
+    return MAILDROP_LINE + json.dumps(envelope).encode("ascii") + b"\r\n"
+
+
+def write_to_maildrop(maildrop, envelope, message):
+    """Write a dot-named file (never read by the daemon while it is written),
+    fsync it, rename it to an unguessable name, make the rename durable."""
+    temporary, name = f".{os.urandom(16).hex()}", os.urandom(16).hex()
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 MAILDROP_FILE_MODE, dir_fd=maildrop)
+    try:
+        os.fchmod(fd, MAILDROP_FILE_MODE)           # not cut by the umask
+        write_all(fd, envelope)
+        message.seek(0)
+        while True:
+            chunk = message.read(CHUNK_SIZE)
+            if not chunk:
+                break
+            write_all(fd, chunk)
+        os.fsync(fd)
+        os.rename(temporary, name, src_dir_fd=maildrop, dst_dir_fd=maildrop)
+    except OSError:
+        remove_quietly(temporary, maildrop)
+        raise
+    else:
+        sync_maildrop(maildrop, fd)
+    finally:
+        os.close(fd)
+
+
+def sync_maildrop(maildrop, fd):
+    """Make the rename durable: fsync the directory, if this user may open it;
+    else fsync the file once more (the rename changed its ctime, so ext4's and
+    XFS's fsync commits the journal that holds the rename)."""
+    try:
+        directory = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=maildrop)
+    except PermissionError:
+        os.fsync(fd)
+        return
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def smtp_on_stdio(listen):
