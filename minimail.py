@@ -167,6 +167,7 @@ listen address is taken), 2 for a usage error.
 """
 
 import collections
+import contextlib
 import enum
 import errno
 import fcntl
@@ -205,6 +206,8 @@ log = logging.getLogger("minimail")
 #   Spool         the queue directory: durable writes, envelopes, failed/.
 #   Receiver      serves one SMTP session itself, into the spool.
 #   QueueRunner   delivers the spool through the tunnel, bounces what fails.
+#   Maildrop      takes in, as hostile input, what the sendmail command left in
+#                 the queue's maildrop/ while minimail was down.
 #   daemon files  pid file (locked), state file, log file, privileges.
 #   sendmail      the sendmail(8) command: stdlib only, no gevent.
 
@@ -2252,8 +2255,11 @@ class Spool:
         queue and its subdirectories must be ours and closed to others (and the
         subdirectories no links): minimail removes and writes files in them."""
         private_directory(self.root, follow=True)
+        let_users_through(self.root)
         for where in SPOOL_DIRS:
             private_directory(self.path(where))
+        private_directory(self.path(REFUSED))
+        make_maildrop(self.path(MAILDROP))
         for name in os.listdir(self.path("tmp")):
             remove_quietly(self.path("tmp", name))
         for where in ("queued", "failed"):
@@ -2373,6 +2379,43 @@ def private_directory(path, follow=False):
     if st.st_mode & 0o022:
         raise Fatal(f"{path} may be written by others (mode {stat.S_IMODE(st.st_mode):04o}): "
                     f"refusing to keep the queue there")
+
+
+def let_users_through(path):
+    """The queue directory may be entered by every user (0711), to reach its
+    maildrop; it is never listable by them, and all else in it stays 0700."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o011 != 0o011:
+        os.chmod(path, mode | 0o011)
+
+
+def make_maildrop(path):
+    """maildrop/: ours, mode 1733 (set by chmod, not cut by the umask), no link."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise Fatal(f"{path} is not a directory (a link?): {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise Fatal(f"{path} belongs to {owner_name(st.st_uid)}: refusing to take mail from it")
+        if stat.S_IMODE(st.st_mode) != MAILDROP_MODE:
+            os.fchmod(fd, MAILDROP_MODE)
+    finally:
+        os.close(fd)
+
+
+def maildrop_count(queue):
+    """How many files wait in the queue's maildrop (None if it cannot be listed)."""
+    try:
+        with os.scandir(os.path.join(queue, MAILDROP)) as entries:
+            return sum(1 for entry in entries if not entry.name.startswith("."))
+    except OSError:
+        return None
 
 
 def open_own_file(path):
@@ -2783,6 +2826,234 @@ def parse_path(keyword, argument):
         name, equals, value = word.partition("=")
         params.append((name.upper(), value if equals else None))
     return match[1], params
+
+
+class Intake(enum.Enum):
+    """What became of one file of the maildrop."""
+    QUEUED = "queued"
+    REFUSED = "refused"              # moved to refused/, and logged
+    GONE = "gone"                    # removed meanwhile (by its owner)
+    LATER = "later"                  # the queue cannot take it now (a full disk)
+
+
+class Maildrop:
+    """The queue's maildrop/: what the sendmail command left while minimail
+    could not be reached, one file a message, written by a local user (the
+    file's owner).  Taken in at start, on flush and every MAILDROP_EVERY
+    seconds, as hostile input, each file in the thread pool: one that passes
+    becomes a queued message through the spool's commit and is then removed
+    (a crash between the two queues it twice at most, never loses it); one
+    that does not is moved to refused/ and logged."""
+
+    def __init__(self, spool, settings, hostname, on_queued, on_change=lambda: None):
+        from gevent.event import Event
+        self.spool, self.settings, self.hostname = spool, settings, hostname
+        self.on_queued, self.on_change = on_queued, on_change
+        self.wake = Event()
+        self.fd = os.open(spool.path(MAILDROP),
+                          os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self.waiting = 0                 # files in it at the last look
+        self.stuck = set()               # inodes taken in (or refused) that stay there
+
+    def flush(self):
+        self.wake.set()
+
+    def run(self):
+        while True:
+            self.wake.clear()
+            more = self.take_in_all()
+            self.wake.wait(0 if more else MAILDROP_EVERY)
+
+    def take_in_all(self):
+        """One look: take in what waits; whether more may wait (a full batch)."""
+        names = in_thread(self.waiting_names)
+        outcome = None
+        for name in names:
+            outcome, envelopes = in_thread(self.take_in, name)
+            for envelope in envelopes:
+                self.on_queued(envelope)
+            if outcome is Intake.LATER:
+                break
+        self.waiting = in_thread(maildrop_count, self.spool.root) or 0
+        self.on_change()
+        return len(names) == MAILDROP_BATCH and outcome is not Intake.LATER
+
+    def waiting_names(self):
+        """Up to MAILDROP_BATCH names in the maildrop, oldest first; dot names
+        (files still being written) skipped."""
+        found = []
+        with os.scandir(self.fd) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or entry.inode() in self.stuck:
+                    continue
+                try:
+                    found.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name))
+                except OSError:
+                    continue
+                if len(found) == MAILDROP_BATCH:
+                    break
+        return [name for _, name in sorted(found)]
+
+    def take_in(self, name):
+        """One file (blocking: in the thread pool): (Intake, envelopes queued)."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=self.fd)
+        except FileNotFoundError:
+            return Intake.GONE, []
+        except OSError as exc:
+            if out_of_descriptors(exc):
+                return Intake.LATER, []
+            why = "a symbolic link" if exc.errno == errno.ELOOP else \
+                f"cannot be opened: {describe_error(exc)}"
+            return self.refuse(name, why), []
+        with os.fdopen(fd, "rb") as dropped:
+            st = os.fstat(fd)
+            try:
+                envelope = read_maildrop_envelope(dropped, st, self.settings.max_size)
+            except ValueError as exc:
+                return self.refuse(name, str(exc)), []
+            outcome, queued = self.queue_all(dropped, st, *envelope)
+        if outcome is Intake.QUEUED:
+            self.remove(name, st)
+        return outcome, queued
+
+    def queue_all(self, dropped, st, sender, recipients, body, smtputf8):
+        """Queue an open maildrop file, MAX_RECIPIENTS recipients a message."""
+        start, queued = dropped.tell(), []
+        try:
+            for first in range(0, len(recipients), MAX_RECIPIENTS):
+                dropped.seek(start)
+                queued.append(self.queue(dropped, st.st_size - start, st.st_uid, sender,
+                                         recipients[first:first + MAX_RECIPIENTS], body, smtputf8))
+        except OSError as exc:
+            log.warning("maildrop: cannot queue a file of uid %d now: %s", st.st_uid,
+                        exc.strerror)
+            return Intake.LATER, queued
+        log.info("maildrop: a file of uid %d taken in: queued as %s (%d bytes, %d recipient(s))",
+                 st.st_uid, ", ".join(e.id for e in queued), queued[0].size, len(recipients))
+        return Intake.QUEUED, queued
+
+    def queue(self, dropped, size, owner, sender, recipients, body, smtputf8):
+        """One queued message (blocking): through a draft and the spool's commit."""
+        draft, now = self.spool.draft(), time.time()
+        envelope = Envelope(draft.id, sender, recipients, now, 0, body=body, smtputf8=smtputf8,
+                            next_try=now)
+        try:
+            draft.write_envelope(envelope)
+            draft.write(local_received_line(owner, self.hostname, draft.id))
+            copy_as_crlf(dropped, size, draft)
+            envelope.size = draft.size
+            envelope.body = body or ("8BITMIME" if draft.eight_bit else None)
+            self.spool.commit(draft)
+        except BaseException:
+            draft.discard()
+            raise
+        return envelope
+
+    def remove(self, name, st):
+        """Remove a file taken in: by name, if it is still the file that was read."""
+        try:
+            now = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                os.unlink(name, dir_fd=self.fd)
+                return
+            log.warning("maildrop: %s was replaced while it was taken in: the new file waits "
+                        "for the next look", printable(name, 80))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("maildrop: cannot remove %s, taken in: %s (not taken in again)",
+                        printable(name, 80), exc.strerror)
+            self.stuck.add(st.st_ino)
+
+    def refuse(self, name, why):
+        """Move a file that is not taken in aside, to refused/ (never read)."""
+        aside = os.path.join(REFUSED, new_queue_id())
+        try:
+            owner = os.stat(name, dir_fd=self.fd, follow_symlinks=False).st_uid
+            os.rename(name, os.path.join(self.spool.root, aside), src_dir_fd=self.fd)
+        except FileNotFoundError:
+            return Intake.GONE
+        except OSError as exc:
+            log.warning("maildrop: refused %s (%s), and cannot move it aside: %s",
+                        printable(name, 80), why, exc.strerror)
+            with contextlib.suppress(OSError):
+                self.stuck.add(os.stat(name, dir_fd=self.fd, follow_symlinks=False).st_ino)
+            return Intake.REFUSED
+        log.warning("maildrop: refused %s of uid %d (%s): moved to %s", printable(name, 80),
+                    owner, why, aside)
+        return Intake.REFUSED
+
+
+#: What a maildrop file may be instead of a regular file: what the log says.
+FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory", stat.S_IFSOCK: "a socket",
+              stat.S_IFCHR: "a device", stat.S_IFBLK: "a device", stat.S_IFLNK: "a symbolic link"}
+
+
+def read_maildrop_envelope(dropped, st, max_size):
+    """The envelope of an open maildrop file, checked, past its first line:
+    (sender, recipients, body, smtputf8); ValueError says why it is refused."""
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"not a regular file: {FILE_KINDS.get(stat.S_IFMT(st.st_mode), 'other')}")
+    if st.st_nlink != 1:
+        raise ValueError(f"{st.st_nlink} hard links")
+    if st.st_size > max_size + MAILDROP_ENVELOPE_MAX:
+        raise ValueError(f"{st.st_size} bytes: larger than --max-size")
+    line = dropped.readline(MAILDROP_ENVELOPE_MAX + 1)
+    if not line.startswith(MAILDROP_LINE) or not line.endswith(b"\r\n"):
+        raise ValueError("its first line is no envelope")
+    if st.st_size - len(line) > max_size:
+        raise ValueError(f"{st.st_size - len(line)} bytes: larger than --max-size")
+    return checked_maildrop_envelope(line[len(MAILDROP_LINE):])
+
+
+def checked_maildrop_envelope(raw):
+    """(sender, recipients, body, smtputf8) from a maildrop envelope's JSON,
+    checked as the receiver checks MAIL and RCPT (ValueError if it is not)."""
+    import json
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise ValueError("its envelope is nested too deep") from None
+    if not isinstance(data, dict) or set(data) != {"sender", "recipients", "body", "smtputf8"}:
+        raise ValueError("its envelope is not one")
+    sender, recipients, body, smtputf8 = (data[k] for k in ("sender", "recipients", "body",
+                                                              "smtputf8"))
+    if not isinstance(recipients, list) or not 0 < len(recipients) <= MAILDROP_RECIPIENTS_MAX \
+            or not valid_address(sender) \
+            or not all(valid_address(r) and r for r in recipients):
+        raise ValueError("bad addresses in its envelope")
+    if body not in (None, "7BIT", "8BITMIME") or not isinstance(smtputf8, bool):
+        raise ValueError("a bad body type in its envelope")
+    return sender, recipients, body, smtputf8 or not all(a.isascii() for a in (sender, *recipients))
+
+
+def copy_as_crlf(source, size, draft):
+    """At most size bytes of source into draft, every line end made CRLF (a
+    bare CR or LF too, as the queue keeps every message)."""
+    carry = b""
+    while size > 0:
+        chunk = source.read(min(CHUNK_SIZE, size))
+        if not chunk:
+            break
+        size -= len(chunk)
+        data = carry + chunk
+        carry = b"\r" if data.endswith(b"\r") else b""
+        draft.write(DataReader.NEWLINES.sub(b"\r\n", data[:len(data) - len(carry)]))
+    if carry:
+        draft.write(b"\r\n")
+
+
+def local_received_line(uid, host, queue_id):
+    """The Received: line on top of a message from the maildrop: the file's
+    owner submitted it."""
+    try:
+        name = re.sub(r"[^\x21-\x7e]", "?", pwd.getpwuid(uid).pw_name)[:64]
+    except KeyError:
+        name = "unknown"
+    return (f"Received: from local user {name} (uid {uid})\r\n\tby {host} (minimail "
+            f"{__version__}) with local id {queue_id};\r\n\t{rfc5322_date()}\r\n").encode("ascii")
 
 
 class QueueRunner:
@@ -3837,6 +4108,7 @@ class Daemon:
         self.tunnel_dir = None
         self.state = None
         self.runner = None
+        self.maildrop = None
         self.greenlets = []
         self.signals = 0
 
@@ -3862,12 +4134,13 @@ class Daemon:
             spool.prepare()
             self.runner = QueueRunner(spool, self.supervisor, settings, hostname, on_change)
             receiver = Receiver(spool, settings, hostname, on_queued=self.runner.queued)
+            self.maildrop = Maildrop(spool, settings, hostname, self.runner.queued, on_change)
         self.forwarder = Forwarder(self.listener, self.supervisor, settings, receiver, on_change)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal_handler(signum, self.on_signal)
         signal_handler(signal.SIGHUP, self.logfile.reopen if self.logfile else note_sighup)
-        signal_handler(signal.SIGUSR1, self.runner.flush if self.runner else self.no_queue)
-        for part in (self.supervisor, self.runner):
+        signal_handler(signal.SIGUSR1, self.flush if self.runner else self.no_queue)
+        for part in (self.supervisor, self.runner, self.maildrop):
             if part is not None:
                 greenlet = spawn(part.run)
                 greenlet.link_exception(lambda _: self.stopping.set())
@@ -3919,6 +4192,11 @@ class Daemon:
             log.warning("second signal: closing %d session(s) now", len(self.forwarder.sessions))
             self.forwarder.cut_all("cut: a second signal stopped minimail")
 
+    def flush(self):
+        """SIGUSR1 (`minimail flush`): take the maildrop in, deliver the queue."""
+        self.maildrop.flush()
+        self.runner.flush()
+
     @staticmethod
     def no_queue():
         log.info("SIGUSR1: there is no queue to flush (--no-queue)")
@@ -3934,6 +4212,7 @@ class Daemon:
             **self.forwarder.describe(),
             "tunnel": self.supervisor.describe(),
             "queue": self.runner.describe() if self.runner else None,
+            "maildrop": self.maildrop.waiting if self.maildrop else None,
             "updated": time.time(),
         }
 
@@ -3971,18 +4250,30 @@ def stop(pidfile):
     return 0
 
 
-def status(pidfile, as_json):
-    """Say whether the daemon runs and what it is doing: exit 0 if it runs, 3 if not."""
+def status(pidfile, as_json, queue=None):
+    """Say whether the daemon runs and what it is doing, and what waits in the
+    maildrop of its queue: exit 0 if it runs, 3 if not."""
     import json
     pid = daemon_pid(pidfile)
     state = read_state(pidfile) if pid else {}
+    dropped = maildrop_count(queue) if queue else None
+    if dropped is None and isinstance(state.get("maildrop"), int):
+        dropped = state["maildrop"]
     if as_json:
-        print(json.dumps({"running": bool(pid), "pid": pid, **state}, indent=1))
-    elif pid is None:
-        print("minimail is not running")
-    else:
-        print("\n".join(describe_status(pid, state)))
+        print(json.dumps({"running": bool(pid), "pid": pid, **state, "maildrop": dropped},
+                         indent=1))
+        return 0 if pid else 3
+    lines = ["minimail is not running"] if pid is None else describe_status(pid, state)
+    if dropped:
+        lines.append(describe_maildrop(queue, dropped, "taken in within a minute, or on flush"
+                                       if pid else "taken in when minimail starts"))
+    print("\n".join(lines))
     return 0 if pid else 3
+
+
+def describe_maildrop(queue, count, when):
+    return (f"maildrop: {count} message(s) left by the sendmail command in "
+            f"{os.path.join(queue, MAILDROP)}, not yet in the queue ({when})")
 
 
 def describe_status(pid, state):
@@ -4058,12 +4349,17 @@ def show_queue(directory, as_json):
         except OSError:
             whose = "permission denied"
         raise Fatal(f"cannot read the queue in {directory}: {whose} (try sudo)") from None
+    dropped = maildrop_count(directory)
     if as_json:
         entries = [{**describe_envelope(e), "state": "queued"} for e in queued] + \
                   [{**describe_envelope(e), "state": "failed"} for e in failed]
-        print(json.dumps({"dir": directory, "messages": entries}, indent=1))
+        print(json.dumps({"dir": directory, "messages": entries, "maildrop": dropped}, indent=1))
     else:
-        print("\n".join(queue_listing(directory, queued, failed, time.time())))
+        lines = queue_listing(directory, queued, failed, time.time())
+        if dropped:
+            lines.append(describe_maildrop(directory, dropped, "taken in when minimail runs, "
+                                                                "or on flush"))
+        print("\n".join(lines))
     return 0
 
 
@@ -5021,7 +5317,8 @@ def dispatch(args, settings_file):
     if args["stop"]:
         return stop(pidfile)
     if args["status"]:
-        return status(pidfile, args["--json"])
+        return status(pidfile, args["--json"],
+                      queue_directory(args["--queue"], settings_file, pidfile))
     if args["flush"]:
         return flush(pidfile)
     if args["queue"]:
