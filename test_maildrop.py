@@ -91,22 +91,24 @@ class Machine:
         (users_bin / "sendmail").symlink_to(run_dir / "minimail.py")
 
     def configure(self, listen=None, queue=None, extra=""):
+        """The settings file; queue=False names no queue (the default's then)."""
+        named = "" if queue is False else f"--queue {queue or self.queue}"
         self.config.write_text(
-            f"MINIMAIL_OPTIONS=--listen 127.0.0.1:{listen or self.port} "
-            f"--queue {queue or self.queue} {extra}\n"
+            f"MINIMAIL_OPTIONS=--listen 127.0.0.1:{listen or self.port} {named} {extra}\n"
             f"MINIMAIL_SENDER={SENDER}\nMINIMAIL_ADMIN={ADMIN}\n")
         self.config.chmod(0o644)
 
-    def sendmail(self, *flags, message, user="root"):
+    def sendmail(self, *flags, message, user="root", home=None):
         """Run `sendmail FLAGS...` as user, the message on its stdin."""
         env = {**os.environ, "MINIMAIL_CONFIG": str(self.config)}
+        env.pop("XDG_STATE_HOME", None)
         if user == "root":
             argv, who = [self.dir / "bin" / "sendmail"], {}
         else:
             account = pwd.getpwnam(user)
             argv = [interpreter_for(account), self.dir / "users-bin" / "sendmail"]
             who = dict(user=account.pw_uid, group=account.pw_gid, extra_groups=[])
-            env.update(HOME=account.pw_dir, USER=user, LOGNAME=user)
+            env.update(HOME=str(home or account.pw_dir), USER=user, LOGNAME=user)
         data = message.encode() if isinstance(message, str) else message
         return subprocess.run([*map(str, argv), *flags], input=data, capture_output=True,
                               env=env, cwd="/", timeout=60, **who)
@@ -276,6 +278,54 @@ def test_cron_and_a_user_mail_while_minimail_is_down_and_each_arrives_once_when_
     assert len(re.findall(r"maildrop: a file of uid (0|65534) taken in: queued as [0-9A-F]{16} "
                           r"\(\d+ bytes, 1 recipient\(s\)\)", log)) == 2
     assert "hello" not in log and "friend@" not in log and ADMIN not in log
+
+
+def foreground_as(user, machine, home):
+    """`minimail --foreground` run by user itself (no root at all), with its
+    default queue in home; the process, once it listens."""
+    python = interpreter_for(user)
+    if subprocess.run([python, "-c", "import gevent, docopt"], capture_output=True).returncode:
+        pytest.skip(f"{python} has no gevent or docopt")
+    log = machine.dir / "foreground.log"
+    env = {**os.environ, "HOME": str(home), "USER": user.pw_name, "LOGNAME": user.pw_name,
+           "MINIMAIL_CONFIG": os.devnull}
+    env.pop("XDG_STATE_HOME", None)
+    with open(log, "ab") as stderr:
+        daemon = subprocess.Popen(
+            [python, machine.dir / "minimail.py", "--foreground", "--listen",
+             f"127.0.0.1:{machine.port}", "--tunnel-port", str(machine.hoster.port),
+             "--tunnel-command", "sleep 3600", "--linger", "1", "--jitter", "0"],
+            user=user.pw_uid, group=user.pw_gid, extra_groups=[], cwd="/", env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+    wait_until(lambda: b"listening on" in log.read_bytes() or daemon.poll() is not None, 20,
+               "minimail to listen")
+    assert daemon.poll() is None, log.read_text()
+    return daemon
+
+
+@root_only
+def test_a_users_own_minimail_keeps_that_users_mail_in_its_default_queue(machine, hoster):
+    home = machine.dir / "home"
+    home.mkdir()
+    os.chown(home, NOBODY.pw_uid, NOBODY.pw_gid)
+    daemon = foreground_as(NOBODY, machine, home)             # minimail ran before...
+    daemon.terminate()
+    assert daemon.wait(timeout=20) == 0
+    maildrop = home / ".local/state/minimail/queue/maildrop"
+    assert (oct(maildrop.stat().st_mode), maildrop.stat().st_uid) == ("0o41733", NOBODY.pw_uid)
+    machine.configure(queue=False)                            # ...and the command finds its queue
+    sent = machine.sendmail("-i", "friend@hoster.example", user="nobody", home=home,
+                            message="Subject: mine\n\nkept for my own minimail\n")
+    assert sent.returncode == 0 and str(maildrop).encode() in sent.stderr
+    daemon = foreground_as(NOBODY, machine, home)
+    try:
+        wait_until(lambda: hoster.messages, 20, "the mail")
+    finally:
+        daemon.terminate()
+        assert daemon.wait(timeout=20) == 0
+    message, = hoster.messages
+    assert received_from(message) == ("nobody", NOBODY.pw_uid)
+    assert message.content.endswith(b"\r\n\r\nkept for my own minimail\r\n")
 
 
 @root_only
