@@ -3040,9 +3040,17 @@ def copy_as_crlf(source, size, draft):
         size -= len(chunk)
         data = carry + chunk
         carry = b"\r" if data.endswith(b"\r") else b""
-        draft.write(DataReader.NEWLINES.sub(b"\r\n", data[:len(data) - len(carry)]))
+        draft.write(crlf_only(data[:len(data) - len(carry)]))
     if carry:
         draft.write(b"\r\n")
+
+
+def crlf_only(text):
+    """text with every line end CRLF: a bare CR or LF becomes one."""
+    crlf = text.count(b"\r\n")
+    if text.count(b"\r") == crlf and text.count(b"\n") == crlf:
+        return text
+    return DataReader.NEWLINES.sub(b"\r\n", text)
 
 
 def local_received_line(uid, host, queue_id):
@@ -4798,7 +4806,8 @@ def copy_body(stream, body, dot_ends, carry=b""):
         data = carry + chunk
         end = data.rfind(b"\n") + 1
         if end:
-            text, carry = LINE_END.sub(b"\r\n", data[:end]), data[end:]
+            text, carry = data[:end], data[end:]
+            text = LINE_END.sub(b"\r\n", text) if b"\r" in text else text.replace(b"\n", b"\r\n")
             cut = lone_dot(text, line_start) if dot_ends else -1
             body.write(text if cut < 0 else text[:cut])
             if cut >= 0:
