@@ -139,10 +139,15 @@ Bcc; Bcc removed), -i or -oi (a lone dot does not end the message), -f ADDR
 or -r ADDR (envelope sender), -F NAME (full name), -B 8BITMIME|7BIT, -bm
 (the default), -bp (list the queue), -bs (SMTP on standard input and
 output), -q (flush), -v (show the SMTP dialogue); any other -o... and the
-historic -L, -N, -R, -V, -X, -h and -C with their values are ignored.  Exit
-status as sysexits.h: 0 accepted, 64 usage, 65 bad message, 67 every
-recipient refused, 69 refused for another reason, 75 try again later
-(minimail cannot be reached, or answered 4xx).
+historic -L, -N, -R, -V, -X, -h and -C with their values are ignored.  When
+minimail cannot be reached (nothing listens, or it goes away before its final
+reply), the message waits in the queue's maildrop/ (the queue found as the
+daemon finds it: --queue in the settings file's MINIMAIL_OPTIONS, else the
+default) and minimail takes it in when it starts, on flush and every minute.
+Exit status as sysexits.h: 0 accepted (or kept in the maildrop), 64 usage,
+65 bad message, 67 every recipient refused, 69 refused for another reason,
+75 try again later (minimail cannot be reached and there is no maildrop, or
+it answered 4xx).
 
 Files: as root, the pid file is /run/minimail/minimail.pid, the log
 /var/log/minimail.log and the queue /var/spool/minimail; otherwise the pid
