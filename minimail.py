@@ -2870,15 +2870,20 @@ class Maildrop:
             self.wake.wait(0 if more else MAILDROP_EVERY)
 
     def take_in_all(self):
-        """One look: take in what waits; whether more may wait (a full batch)."""
-        names = in_thread(self.waiting_names)
-        outcome = None
-        for name in names:
-            outcome, envelopes = in_thread(self.take_in, name)
-            for envelope in envelopes:
-                self.on_queued(envelope)
-            if outcome is Intake.LATER:
-                break
+        """One look: take in what waits; whether more may wait (a full batch).
+        A failing file system ends the look; the next one tries again."""
+        names, outcome = [], None
+        try:
+            names = in_thread(self.waiting_names)
+            for name in names:
+                outcome, envelopes = in_thread(self.take_in, name)
+                for envelope in envelopes:
+                    self.on_queued(envelope)
+                if outcome is Intake.LATER:
+                    break
+        except OSError as exc:
+            log.warning("maildrop: cannot take it in now: %s", describe_error(exc))
+            outcome = Intake.LATER
         self.waiting = in_thread(maildrop_count, self.spool.root) or 0
         self.on_change()
         return len(names) == MAILDROP_BATCH and outcome is not Intake.LATER
