@@ -4594,6 +4594,8 @@ EX_SOFTWARE, EX_TEMPFAIL, EX_CONFIG = 70, 75, 78
 #: sendmail(8)'s flags: without a value; with one (attached, or the next word).
 SENDMAIL_PLAIN_FLAGS = "tivmnGU"
 SENDMAIL_VALUE_FLAGS = "frFBboCLNRVXhOAp"
+#: --max-size's default (as the docstring says), for the sendmail command.
+MAX_SIZE_DEFAULT = 52428800
 #: How long the sendmail command waits for minimail (it may hold the client
 #: while the tunnel starts, up to --wait, before the queue takes the mail).
 SUBMIT_TIMEOUT = 300.0
@@ -4612,10 +4614,11 @@ class Unreachable(SendmailExit):
     final reply.  Only this sends the mail to the maildrop (a reply, even a 4xx,
     means minimail runs and has spoken)."""
 
-    def __init__(self, what, detail, message):
+    def __init__(self, what, detail, message, pending=None):
         super().__init__(EX_TEMPFAIL, message)
         self.what = what                  # "is not running", "went away"
         self.detail = detail              # where, and what happened
+        self.pending = pending            # the recipients not yet accepted (None: all)
 
 
 SendmailFlags = collections.namedtuple(
@@ -5138,14 +5141,11 @@ def keep_in_maildrop(unreachable, settings_file, sender, recipients, message, op
         raise unreachable
     where = os.path.join(queue, MAILDROP)
     try:
-        most = parse_count(settings_file.option("--max-size") or "52428800", "--max-size")
-    except UsageError:
-        most = None
-    if most is not None and message.size > most:
-        raise SendmailExit(EX_TEMPFAIL, f"{unreachable}; the message ({message.size} bytes) is "
-                                        f"larger than --max-size: not kept in {where}")
-    try:
-        write_to_maildrop(maildrop, maildrop_envelope(sender, recipients, options), message)
+        if message.size > maildrop_size_limit(settings_file):
+            raise SendmailExit(EX_TEMPFAIL, f"{unreachable}; the message ({message.size} bytes) "
+                                            f"is larger than --max-size: not kept in {where}")
+        pending = recipients if unreachable.pending is None else unreachable.pending
+        write_to_maildrop(maildrop, maildrop_envelope(sender, pending, options), message)
     except OSError as exc:
         raise SendmailExit(EX_TEMPFAIL, f"{unreachable}; and {where} cannot keep the mail: "
                                         f"{exc.strerror}") from None
@@ -5154,6 +5154,16 @@ def keep_in_maildrop(unreachable, settings_file, sender, recipients, message, op
     print(f"minimail: minimail {unreachable.what} ({unreachable.detail}): the mail waits in "
           f"{where} and goes out once minimail runs", file=sys.stderr)
     return EX_OK
+
+
+def maildrop_size_limit(settings_file):
+    """The largest message the daemon takes from the maildrop: --max-size in
+    the settings file, else its default."""
+    try:
+        return parse_count(settings_file.option("--max-size") or str(MAX_SIZE_DEFAULT),
+                           "--max-size")
+    except UsageError as exc:
+        raise SendmailExit(EX_CONFIG, f"{settings_file.path}: {exc}") from None
 
 
 def find_maildrop(settings_file):

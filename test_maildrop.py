@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+import minimail
 from conftest import MINIMAIL, free_port, minimail_command, need, wait_until
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "minimail"
@@ -446,6 +447,20 @@ def test_without_a_maildrop_the_command_exits_75_and_creates_nothing(machine):
 # ---------------------------------------------------------------------------
 # What goes to the maildrop, and what does not
 # ---------------------------------------------------------------------------
+
+@root_only
+def test_a_message_over_max_size_is_not_kept_where_it_would_be_refused(machine):
+    machine.ran_once()
+    machine.configure(extra="--max-size 1000")
+    result = machine.sendmail("-i", "root", message="Subject: big\n\n" + "x" * 5000 + "\n")
+    assert result.returncode == 75
+    assert result.stderr.decode().startswith(
+        f"minimail: cannot reach minimail at 127.0.0.1:{machine.port}: ECONNREFUSED")
+    assert result.stderr.decode().endswith(f"is larger than --max-size: not kept in "
+                                           f"{machine.maildrop}\n")
+    assert machine.dropped() == []
+    assert f"[default: {minimail.MAX_SIZE_DEFAULT}]" in minimail.__doc__
+
 
 @root_only
 def test_minimail_going_away_mid_submission_leaves_the_mail_in_the_maildrop(
