@@ -2850,10 +2850,12 @@ class Maildrop:
     (a crash between the two queues it twice at most, never loses it); one
     that does not is moved to refused/ and logged."""
 
-    def __init__(self, spool, settings, hostname, on_queued, on_change=lambda: None):
+    def __init__(self, spool, settings, hostname, on_queued, on_change=lambda: None,
+                 room_for=lambda size, to_write: None):
         from gevent.event import Event
         self.spool, self.settings, self.hostname = spool, settings, hostname
         self.on_queued, self.on_change = on_queued, on_change
+        self.room_for = room_for         # None, or (reply, why) when the queue is full
         self.wake = Event()
         self.fd = os.open(spool.path(MAILDROP),
                           os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -2923,6 +2925,12 @@ class Maildrop:
                 envelope = read_maildrop_envelope(dropped, st, self.settings.max_size)
             except ValueError as exc:
                 return self.refuse(name, str(exc)), []
+            size = st.st_size * -(-len(envelope[1]) // MAX_RECIPIENTS)
+            refusal = self.room_for(size, size)
+            if refusal is not None:
+                log.warning("maildrop: cannot queue a file of uid %d now: %s", st.st_uid,
+                            refusal[1])
+                return Intake.LATER, []
             outcome, queued = self.queue_all(dropped, st, *envelope)
         if outcome is Intake.QUEUED:
             self.remove(name, st)
