@@ -141,10 +141,15 @@ Bcc; Bcc removed), -i or -oi (a lone dot does not end the message), -f ADDR
 or -r ADDR (envelope sender), -F NAME (full name), -B 8BITMIME|7BIT, -bm
 (the default), -bp (list the queue), -bs (SMTP on standard input and
 output), -q (flush), -v (show the SMTP dialogue); any other -o... and the
-historic -L, -N, -R, -V, -X, -h and -C with their values are ignored.  Exit
-status as sysexits.h: 0 accepted, 64 usage, 65 bad message, 67 every
-recipient refused, 69 refused for another reason, 75 try again later
-(minimail cannot be reached, or answered 4xx), 78 the settings are wrong.
+historic -L, -N, -R, -V, -X, -h and -C with their values are ignored.  When
+minimail cannot be reached (nothing listens, or it goes away before its final
+reply), the message waits in the queue's maildrop/ (the queue found as the
+daemon finds it: --queue in the settings file's MINIMAIL_OPTIONS, else the
+default) and minimail takes it in when it starts, on flush and every minute.
+Exit status as sysexits.h: 0 accepted (or kept in the maildrop), 64 usage,
+65 bad message, 67 every recipient refused, 69 refused for another reason,
+75 try again later (minimail cannot be reached and there is no maildrop, or
+it answered 4xx), 78 the settings are wrong.
 
 Local mail: the sendmail command is the machine's MTA, and no address
 leaves bare or at a name of this machine (localhost, the host name, its
@@ -183,9 +188,11 @@ listen address is taken), 2 for a usage error.
 """
 
 import collections
+import contextlib
 import enum
 import errno
 import fcntl
+import io
 import ipaddress
 import logging
 import math
@@ -220,6 +227,8 @@ log = logging.getLogger("minimail")
 #   Spool         the queue directory: durable writes, envelopes, failed/.
 #   Receiver      serves one SMTP session itself, into the spool.
 #   QueueRunner   delivers the spool through the tunnel, bounces what fails.
+#   Maildrop      takes in, as hostile input, what the sendmail command left in
+#                 the queue's maildrop/ while minimail was down.
 #   daemon files  pid file (locked), state file, log file, privileges.
 #   sendmail      the sendmail(8) command: stdlib only, no gevent.
 
@@ -2125,6 +2134,27 @@ HEADER_QUOTE_MAX = 64 * 1024
 SPOOL_DIRS = ("tmp", "queued", "failed")
 #: A stored message's first line: this, then its envelope in JSON, then CRLF.
 ENVELOPE_LINE = b"MINIMAIL-ENVELOPE "
+#: The queue's subdirectory where the sendmail command leaves mail while
+#: minimail is down, and its mode: any user may add a file; nobody but
+#: minimail's user may list it, or remove another's file (sticky).
+MAILDROP, MAILDROP_MODE = "maildrop", 0o1733
+#: Where what the maildrop refuses is moved aside (0700, minimail's).
+REFUSED = "refused"
+#: A maildrop file's first line: this, then its envelope in JSON, then CRLF.
+MAILDROP_LINE = b"MINIMAIL-MAILDROP "
+#: The longest envelope line of a maildrop file.
+MAILDROP_ENVELOPE_MAX = 1024 * 1024
+#: The most recipients a maildrop file may name (queued MAX_RECIPIENTS a message).
+MAILDROP_RECIPIENTS_MAX = 5000
+#: The daemon looks into the maildrop at least this often (and at start, on flush).
+MAILDROP_EVERY = 60.0
+#: At most this many files are taken in in one look (a flood waits for the next).
+MAILDROP_BATCH = 1000
+#: The mode of a maildrop file: a daemon that is not root must read it (its
+#: name is unguessable and the directory cannot be listed).
+MAILDROP_FILE_MODE = 0o644
+#: The daemon's queue when root starts it, and the service's.
+ROOT_QUEUE, SERVICE_QUEUE = "/var/spool/minimail", "/var/lib/minimail/queue"
 
 
 def new_queue_id():
@@ -2265,9 +2295,9 @@ class Draft:
         remove_quietly(self.path)
 
 
-def remove_quietly(path):
+def remove_quietly(path, dir_fd=None):
     try:
-        os.unlink(path)
+        os.unlink(path, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
 
@@ -2318,8 +2348,11 @@ class Spool:
         queue and its subdirectories must be ours and closed to others (and the
         subdirectories no links): minimail removes and writes files in them."""
         private_directory(self.root, follow=True)
+        let_users_through(self.root)
         for where in SPOOL_DIRS:
             private_directory(self.path(where))
+        private_directory(self.path(REFUSED))
+        make_maildrop(self.path(MAILDROP))
         for name in os.listdir(self.path("tmp")):
             remove_quietly(self.path("tmp", name))
         for where in ("queued", "failed"):
@@ -2439,6 +2472,43 @@ def private_directory(path, follow=False):
     if st.st_mode & 0o022:
         raise Fatal(f"{path} may be written by others (mode {stat.S_IMODE(st.st_mode):04o}): "
                     f"refusing to keep the queue there")
+
+
+def let_users_through(path):
+    """The queue directory may be entered by every user (0711), to reach its
+    maildrop; it is never listable by them, and all else in it stays 0700."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o011 != 0o011:
+        os.chmod(path, mode | 0o011)
+
+
+def make_maildrop(path):
+    """maildrop/: ours, mode 1733 (set by chmod, not cut by the umask), no link."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise Fatal(f"{path} is not a directory (a link?): {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise Fatal(f"{path} belongs to {owner_name(st.st_uid)}: refusing to take mail from it")
+        if stat.S_IMODE(st.st_mode) != MAILDROP_MODE:
+            os.fchmod(fd, MAILDROP_MODE)
+    finally:
+        os.close(fd)
+
+
+def maildrop_count(queue):
+    """How many files wait in the queue's maildrop (None if it cannot be listed)."""
+    try:
+        with os.scandir(os.path.join(queue, MAILDROP)) as entries:
+            return sum(1 for entry in entries if not entry.name.startswith("."))
+    except OSError:
+        return None
 
 
 def open_own_file(path):
@@ -2849,6 +2919,255 @@ def parse_path(keyword, argument):
         name, equals, value = word.partition("=")
         params.append((name.upper(), value if equals else None))
     return match[1], params
+
+
+class Intake(enum.Enum):
+    """What became of one file of the maildrop."""
+    QUEUED = "queued"
+    REFUSED = "refused"              # moved to refused/, and logged
+    GONE = "gone"                    # removed meanwhile (by its owner)
+    LATER = "later"                  # the queue cannot take it now (a full disk)
+
+
+class Maildrop:
+    """The queue's maildrop/: what the sendmail command left while minimail
+    could not be reached, one file a message, written by a local user (the
+    file's owner).  Taken in at start, on flush and every MAILDROP_EVERY
+    seconds, as hostile input, each file in the thread pool: one that passes
+    becomes a queued message through the spool's commit and is then removed
+    (a crash between the two queues it twice at most, never loses it); one
+    that does not is moved to refused/ and logged."""
+
+    def __init__(self, spool, settings, hostname, on_queued, on_change=lambda: None,
+                 room_for=lambda size, to_write: None):
+        from gevent.event import Event
+        self.spool, self.settings, self.hostname = spool, settings, hostname
+        self.on_queued, self.on_change = on_queued, on_change
+        self.room_for = room_for         # None, or (reply, why) when the queue is full
+        self.wake = Event()
+        self.fd = os.open(spool.path(MAILDROP),
+                          os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self.waiting = 0                 # files in it at the last look
+        self.stuck = set()               # inodes taken in (or refused) that stay there
+
+    def flush(self):
+        self.wake.set()
+
+    def run(self):
+        while True:
+            self.wake.clear()
+            more = self.take_in_all()
+            self.wake.wait(0 if more else MAILDROP_EVERY)
+
+    def take_in_all(self):
+        """One look: take in what waits; whether more may wait (a full batch).
+        A failing file system ends the look; the next one tries again."""
+        names, outcome = [], None
+        try:
+            names = in_thread(self.waiting_names)
+            for name in names:
+                outcome, envelopes = in_thread(self.take_in, name)
+                for envelope in envelopes:
+                    self.on_queued(envelope)
+                if outcome is Intake.LATER:
+                    break
+        except OSError as exc:
+            log.warning("maildrop: cannot take it in now: %s", describe_error(exc))
+            outcome = Intake.LATER
+        self.waiting = in_thread(maildrop_count, self.spool.root) or 0
+        self.on_change()
+        return len(names) == MAILDROP_BATCH and outcome is not Intake.LATER
+
+    def waiting_names(self):
+        """Up to MAILDROP_BATCH names in the maildrop, oldest first; dot names
+        (files still being written) skipped."""
+        found = []
+        with os.scandir(self.fd) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or entry.inode() in self.stuck:
+                    continue
+                try:
+                    found.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name))
+                except OSError:
+                    continue
+                if len(found) == MAILDROP_BATCH:
+                    break
+        return [name for _, name in sorted(found)]
+
+    def take_in(self, name):
+        """One file (blocking: in the thread pool): (Intake, envelopes queued)."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=self.fd)
+        except FileNotFoundError:
+            return Intake.GONE, []
+        except OSError as exc:
+            if out_of_descriptors(exc):
+                return Intake.LATER, []
+            why = "a symbolic link" if exc.errno == errno.ELOOP else \
+                f"cannot be opened: {describe_error(exc)}"
+            return self.refuse(name, why), []
+        with os.fdopen(fd, "rb") as dropped:
+            st = os.fstat(fd)
+            try:
+                envelope = read_maildrop_envelope(dropped, st, self.settings.max_size)
+            except ValueError as exc:
+                return self.refuse(name, str(exc)), []
+            size = st.st_size * -(-len(envelope[1]) // MAX_RECIPIENTS)
+            refusal = self.room_for(size, size)
+            if refusal is not None:
+                log.warning("maildrop: cannot queue a file of uid %d now: %s", st.st_uid,
+                            refusal[1])
+                return Intake.LATER, []
+            outcome, queued = self.queue_all(dropped, st, *envelope)
+        if outcome is Intake.QUEUED:
+            self.remove(name, st)
+        return outcome, queued
+
+    def queue_all(self, dropped, st, sender, recipients, body, smtputf8):
+        """Queue an open maildrop file, MAX_RECIPIENTS recipients a message."""
+        start, queued = dropped.tell(), []
+        try:
+            for first in range(0, len(recipients), MAX_RECIPIENTS):
+                dropped.seek(start)
+                queued.append(self.queue(dropped, st.st_size - start, st.st_uid, sender,
+                                         recipients[first:first + MAX_RECIPIENTS], body, smtputf8))
+        except OSError as exc:
+            log.warning("maildrop: cannot queue a file of uid %d now: %s", st.st_uid,
+                        exc.strerror)
+            return Intake.LATER, queued
+        log.info("maildrop: a file of uid %d taken in: queued as %s (%d bytes, %d recipient(s))",
+                 st.st_uid, ", ".join(e.id for e in queued), queued[0].size, len(recipients))
+        return Intake.QUEUED, queued
+
+    def queue(self, dropped, size, owner, sender, recipients, body, smtputf8):
+        """One queued message (blocking): through a draft and the spool's commit."""
+        draft, now = self.spool.draft(), time.time()
+        envelope = Envelope(draft.id, sender, recipients, now, 0, body=body, smtputf8=smtputf8,
+                            next_try=now)
+        try:
+            draft.write_envelope(envelope)
+            draft.write(local_received_line(owner, self.hostname, draft.id))
+            copy_as_crlf(dropped, size, draft)
+            envelope.size = draft.size
+            envelope.body = body or ("8BITMIME" if draft.eight_bit else None)
+            self.spool.commit(draft)
+        except BaseException:
+            draft.discard()
+            raise
+        return envelope
+
+    def remove(self, name, st):
+        """Remove a file taken in: by name, if it is still the file that was read."""
+        try:
+            now = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                os.unlink(name, dir_fd=self.fd)
+                return
+            log.warning("maildrop: %s was replaced while it was taken in: the new file waits "
+                        "for the next look", printable(name, 80))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("maildrop: cannot remove %s, taken in: %s (not taken in again)",
+                        printable(name, 80), exc.strerror)
+            self.stuck.add(st.st_ino)
+
+    def refuse(self, name, why):
+        """Move a file that is not taken in aside, to refused/ (never read)."""
+        aside = os.path.join(REFUSED, new_queue_id())
+        try:
+            owner = os.stat(name, dir_fd=self.fd, follow_symlinks=False).st_uid
+            os.rename(name, os.path.join(self.spool.root, aside), src_dir_fd=self.fd)
+        except FileNotFoundError:
+            return Intake.GONE
+        except OSError as exc:
+            log.warning("maildrop: refused %s (%s), and cannot move it aside: %s",
+                        printable(name, 80), why, exc.strerror)
+            with contextlib.suppress(OSError):
+                self.stuck.add(os.stat(name, dir_fd=self.fd, follow_symlinks=False).st_ino)
+            return Intake.REFUSED
+        log.warning("maildrop: refused %s of uid %d (%s): moved to %s", printable(name, 80),
+                    owner, why, aside)
+        return Intake.REFUSED
+
+
+#: What a maildrop file may be instead of a regular file: what the log says.
+FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory", stat.S_IFSOCK: "a socket",
+              stat.S_IFCHR: "a device", stat.S_IFBLK: "a device", stat.S_IFLNK: "a symbolic link"}
+
+
+def read_maildrop_envelope(dropped, st, max_size):
+    """The envelope of an open maildrop file, checked, past its first line:
+    (sender, recipients, body, smtputf8); ValueError says why it is refused."""
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"not a regular file: {FILE_KINDS.get(stat.S_IFMT(st.st_mode), 'other')}")
+    if st.st_nlink != 1:
+        raise ValueError(f"{st.st_nlink} hard links")
+    if st.st_size > max_size + MAILDROP_ENVELOPE_MAX:
+        raise ValueError(f"{st.st_size} bytes: larger than --max-size")
+    line = dropped.readline(MAILDROP_ENVELOPE_MAX + 1)
+    if not line.startswith(MAILDROP_LINE) or not line.endswith(b"\r\n"):
+        raise ValueError("its first line is no envelope")
+    if st.st_size - len(line) > max_size:
+        raise ValueError(f"{st.st_size - len(line)} bytes: larger than --max-size")
+    return checked_maildrop_envelope(line[len(MAILDROP_LINE):])
+
+
+def checked_maildrop_envelope(raw):
+    """(sender, recipients, body, smtputf8) from a maildrop envelope's JSON,
+    checked as the receiver checks MAIL and RCPT (ValueError if it is not)."""
+    import json
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise ValueError("its envelope is nested too deep") from None
+    if not isinstance(data, dict) or set(data) != {"sender", "recipients", "body", "smtputf8"}:
+        raise ValueError("its envelope is not one")
+    sender, recipients, body, smtputf8 = (data[k] for k in ("sender", "recipients", "body",
+                                                              "smtputf8"))
+    if not isinstance(recipients, list) or not 0 < len(recipients) <= MAILDROP_RECIPIENTS_MAX \
+            or not valid_address(sender) \
+            or not all(valid_address(r) and r for r in recipients):
+        raise ValueError("bad addresses in its envelope")
+    if body not in (None, "7BIT", "8BITMIME") or not isinstance(smtputf8, bool):
+        raise ValueError("a bad body type in its envelope")
+    return sender, recipients, body, smtputf8 or not all(a.isascii() for a in (sender, *recipients))
+
+
+def copy_as_crlf(source, size, draft):
+    """At most size bytes of source into draft, every line end made CRLF (a
+    bare CR or LF too, as the queue keeps every message)."""
+    carry = b""
+    while size > 0:
+        chunk = source.read(min(CHUNK_SIZE, size))
+        if not chunk:
+            break
+        size -= len(chunk)
+        data = carry + chunk
+        carry = b"\r" if data.endswith(b"\r") else b""
+        draft.write(crlf_only(data[:len(data) - len(carry)]))
+    if carry:
+        draft.write(b"\r\n")
+
+
+def crlf_only(text):
+    """text with every line end CRLF: a bare CR or LF becomes one."""
+    crlf = text.count(b"\r\n")
+    if text.count(b"\r") == crlf and text.count(b"\n") == crlf:
+        return text
+    return DataReader.NEWLINES.sub(b"\r\n", text)
+
+
+def local_received_line(uid, host, queue_id):
+    """The Received: line on top of a message from the maildrop: the file's
+    owner submitted it."""
+    try:
+        name = re.sub(r"[^\x21-\x7e]", "?", pwd.getpwuid(uid).pw_name)[:64]
+    except KeyError:
+        name = "unknown"
+    return (f"Received: from local user {name} (uid {uid})\r\n\tby {host} (minimail "
+            f"{__version__}) with local id {queue_id};\r\n\t{rfc5322_date()}\r\n").encode("ascii")
 
 
 class QueueRunner:
@@ -3348,7 +3667,7 @@ Paths = collections.namedtuple("Paths", "pidfile logfile queue")
 def default_paths():
     """Where the daemon's files go when not told otherwise."""
     if os.geteuid() == 0:
-        return Paths("/run/minimail/minimail.pid", "/var/log/minimail.log", "/var/spool/minimail")
+        return Paths("/run/minimail/minimail.pid", "/var/log/minimail.log", ROOT_QUEUE)
     state_home = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     state = os.path.join(state_home, "minimail")
     runtime = os.environ.get("XDG_RUNTIME_DIR")
@@ -3925,6 +4244,7 @@ class Daemon:
         self.tunnel_dir = None
         self.state = None
         self.runner = None
+        self.maildrop = None
         self.greenlets = []
         self.signals = 0
 
@@ -3950,12 +4270,13 @@ class Daemon:
             spool.prepare()
             self.runner = QueueRunner(spool, self.supervisor, settings, hostname, on_change)
             receiver = Receiver(spool, settings, hostname, on_queued=self.runner.queued)
+            self.maildrop = Maildrop(spool, settings, hostname, self.runner.queued, on_change)
         self.forwarder = Forwarder(self.listener, self.supervisor, settings, receiver, on_change)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal_handler(signum, self.on_signal)
         signal_handler(signal.SIGHUP, self.logfile.reopen if self.logfile else note_sighup)
-        signal_handler(signal.SIGUSR1, self.runner.flush if self.runner else self.no_queue)
-        for part in (self.supervisor, self.runner):
+        signal_handler(signal.SIGUSR1, self.flush if self.runner else self.no_queue)
+        for part in (self.supervisor, self.runner, self.maildrop):
             if part is not None:
                 greenlet = spawn(part.run)
                 greenlet.link_exception(lambda _: self.stopping.set())
@@ -4007,6 +4328,11 @@ class Daemon:
             log.warning("second signal: closing %d session(s) now", len(self.forwarder.sessions))
             self.forwarder.cut_all("cut: a second signal stopped minimail")
 
+    def flush(self):
+        """SIGUSR1 (`minimail flush`): take the maildrop in, deliver the queue."""
+        self.maildrop.flush()
+        self.runner.flush()
+
     @staticmethod
     def no_queue():
         log.info("SIGUSR1: there is no queue to flush (--no-queue)")
@@ -4022,6 +4348,7 @@ class Daemon:
             **self.forwarder.describe(),
             "tunnel": self.supervisor.describe(),
             "queue": self.runner.describe() if self.runner else None,
+            "maildrop": self.maildrop.waiting if self.maildrop else None,
             "updated": time.time(),
         }
 
@@ -4059,18 +4386,30 @@ def stop(pidfile):
     return 0
 
 
-def status(pidfile, as_json):
-    """Say whether the daemon runs and what it is doing: exit 0 if it runs, 3 if not."""
+def status(pidfile, as_json, queue=None):
+    """Say whether the daemon runs and what it is doing, and what waits in the
+    maildrop of its queue: exit 0 if it runs, 3 if not."""
     import json
     pid = daemon_pid(pidfile)
     state = read_state(pidfile) if pid else {}
+    dropped = maildrop_count(queue) if queue else None
+    if dropped is None and isinstance(state.get("maildrop"), int):
+        dropped = state["maildrop"]
     if as_json:
-        print(json.dumps({"running": bool(pid), "pid": pid, **state}, indent=1))
-    elif pid is None:
-        print("minimail is not running")
-    else:
-        print("\n".join(describe_status(pid, state)))
+        print(json.dumps({"running": bool(pid), "pid": pid, **state, "maildrop": dropped},
+                         indent=1))
+        return 0 if pid else 3
+    lines = ["minimail is not running"] if pid is None else describe_status(pid, state)
+    if dropped:
+        lines.append(describe_maildrop(queue, dropped, "taken in within a minute, or on flush"
+                                       if pid else "taken in when minimail starts"))
+    print("\n".join(lines))
     return 0 if pid else 3
+
+
+def describe_maildrop(queue, count, when):
+    return (f"maildrop: {count} message(s) left by the sendmail command in "
+            f"{os.path.join(queue, MAILDROP)}, not yet in the queue ({when})")
 
 
 def describe_status(pid, state):
@@ -4148,13 +4487,18 @@ def show_queue(directory, as_json, admin=None):
             whose = "permission denied"
         raise Fatal(f"cannot read the queue in {directory}: {whose}; listing it needs root "
                     f"(try sudo)") from None
+    dropped = maildrop_count(directory)
     if as_json:
         entries = [{**describe_envelope(e), "state": "queued"} for e in queued] + \
                   [{**describe_envelope(e), "state": "failed", "untold": untold(e, admin)}
                    for e in failed]
-        print(json.dumps({"dir": directory, "messages": entries}, indent=1))
+        print(json.dumps({"dir": directory, "messages": entries, "maildrop": dropped}, indent=1))
     else:
-        print("\n".join(queue_listing(directory, queued, failed, time.time(), admin)))
+        lines = queue_listing(directory, queued, failed, time.time(), admin)
+        if dropped:
+            lines.append(describe_maildrop(directory, dropped, "taken in when minimail runs, "
+                                                                "or on flush"))
+        print("\n".join(lines))
     return 0
 
 
@@ -4722,6 +5066,8 @@ EX_SOFTWARE, EX_TEMPFAIL, EX_CONFIG = 70, 75, 78
 #: sendmail(8)'s flags: without a value; with one (attached, or the next word).
 SENDMAIL_PLAIN_FLAGS = "tivmnGU"
 SENDMAIL_VALUE_FLAGS = "frFBboCLNRVXhOAp"
+#: --max-size's default (as the docstring says), for the sendmail command.
+MAX_SIZE_DEFAULT = 52428800
 #: How long the sendmail command waits for minimail (it may hold the client
 #: while the tunnel starts, up to --wait, before the queue takes the mail).
 SUBMIT_TIMEOUT = 300.0
@@ -4733,6 +5079,18 @@ class SendmailExit(Exception):
     def __init__(self, status, message):
         super().__init__(message)
         self.status = status
+
+
+class Unreachable(SendmailExit):
+    """minimail cannot be reached: nothing listens, or it went away before its
+    final reply.  Only this sends the mail to the maildrop (a reply, even a 4xx,
+    means minimail runs and has spoken)."""
+
+    def __init__(self, what, detail, message, pending=None):
+        super().__init__(EX_TEMPFAIL, message)
+        self.what = what                  # "is not running", "went away"
+        self.detail = detail              # where, and what happened
+        self.pending = pending            # the recipients not yet accepted (None: all)
 
 
 SendmailFlags = collections.namedtuple(
@@ -4871,10 +5229,10 @@ def settings_listen(settings_file):
 
 def submit_from_stdin(flags, recipients, settings_file):
     """Read the message, address it and complete its header as an MTA would
-    (see "Local mail"), submit it."""
+    (see "Local mail"), submit it (or, when minimail cannot be reached, leave
+    it in the maildrop)."""
     hostname = smtp_hostname()
-    text = read_message(sys.stdin.buffer, flags.dot_ends)
-    header, body = split_header(text)
+    header, body = read_message(sys.stdin.buffer, flags.dot_ends)
     if flags.recipients_from_header:
         found, header = header_recipients(header)
         if not found and not recipients:
@@ -4889,16 +5247,19 @@ def submit_from_stdin(flags, recipients, settings_file):
     sender, recipients, header = address_locally(flags, recipients, header, settings_file,
                                                  hostname)
     check_addresses(sender, *recipients)
-    message = b"".join(line + b"\r\n" for line in header) + b"\r\n" + body
+    message = MessageFile(b"".join(line + b"\r\n" for line in header) + b"\r\n", body)
     options = []
     if flags.body == "7BIT":
         options.append("BODY=7BIT")
-    elif flags.body == "8BITMIME" or not message.isascii():
+    elif flags.body == "8BITMIME" or message.eight_bit:
         options.append("BODY=8BITMIME")
     if not all(a.isascii() for a in (sender, *recipients)):
         options.append("SMTPUTF8")
-    return submit(settings_listen(settings_file), sender, recipients, message, options,
-                  flags.verbose, hostname)
+    try:
+        return submit(settings_listen(settings_file), sender, recipients, message, options,
+                      flags.verbose, hostname)
+    except Unreachable as exc:
+        return keep_in_maildrop(exc, settings_file, sender, recipients, message, options)
 
 
 def check_addresses(*addresses):
@@ -4923,18 +5284,162 @@ def address_locally(flags, recipients, header, settings_file, hostname):
 
 
 def read_message(stream, dot_ends):
-    """Standard input up to its end (or, unless -i, a line with a lone dot),
-    with its line ends made CRLF."""
-    lines = []
-    for line in stream:
-        line = line.rstrip(b"\n").rstrip(b"\r")
+    """(header lines, body) of standard input up to its end (or, unless -i, a
+    line with a lone dot), with its line ends made CRLF.  The header is kept as
+    lines, to be completed; the body goes to a temporary file as it comes, so
+    a large message costs little memory."""
+    try:
+        head, ended, rest = read_head(stream, dot_ends)
+        header, start = split_header(b"".join(line + b"\r\n" for line in head))
+        body = MessageBody()
+        body.write(start)
+        if not ended:
+            copy_body(stream, body, dot_ends, rest)
+    except OSError as exc:
+        raise SendmailExit(EX_TEMPFAIL, f"cannot keep the message in a temporary file in "
+                                        f"{scratch_directory()}: {exc.strerror}") from None
+    return header, body
+
+
+def read_head(stream, dot_ends):
+    """The message's first lines, without their line ends, up to the first that
+    cannot be part of the header (at most HEADER_MAX bytes): (lines, whether
+    the input ended, the start of a line too long to be a header line)."""
+    lines, size = [], 0
+    while size < HEADER_MAX:
+        raw = stream.readline(HEADER_MAX)
+        if len(raw) == HEADER_MAX and not raw.endswith(b"\n"):
+            return lines, False, raw
+        if not raw:
+            return lines, True, b""
+        line = raw.rstrip(b"\n").rstrip(b"\r")
         if dot_ends and line == b".":
-            break
+            return lines, True, b""
         lines.append(line)
-    return b"".join(line + b"\r\n" for line in lines)
+        size += len(raw)
+        if not (HEADER_FIELD.match(line) or line[:1] in (b" ", b"\t")
+                or (len(lines) == 1 and line.startswith(b"From "))):
+            break
+    return lines, False, b""
+
+
+#: A line end as the sendmail command takes it: LF, after any CRs.
+LINE_END = re.compile(rb"\r*\n")
+
+
+def copy_body(stream, body, dot_ends, carry=b""):
+    """The rest of standard input into body, chunk by chunk, with its line ends
+    made CRLF, up to its end or (dot_ends) a line with a lone dot."""
+    line_start = True                     # carry begins a line
+    while True:
+        chunk = stream.read1(CHUNK_SIZE)
+        if not chunk:
+            break
+        data = carry + chunk
+        end = data.rfind(b"\n") + 1
+        if end:
+            text, carry = data[:end], data[end:]
+            text = LINE_END.sub(b"\r\n", text) if b"\r" in text else text.replace(b"\n", b"\r\n")
+            cut = lone_dot(text, line_start) if dot_ends else -1
+            body.write(text if cut < 0 else text[:cut])
+            if cut >= 0:
+                return
+            line_start = True
+        else:
+            carry = data
+        if len(carry) > CHUNK_SIZE:       # a long line goes on in pieces
+            piece = carry.rstrip(b"\r") or carry[:-1]
+            body.write(piece)
+            carry, line_start = carry[len(piece):], False
+    last = carry.rstrip(b"\r")
+    if carry and not (dot_ends and line_start and last == b"."):
+        body.write(last + b"\r\n")
+
+
+def lone_dot(text, line_start):
+    """Where the line with a lone dot begins in CRLF text, or -1."""
+    if line_start and text.startswith(b".\r\n"):
+        return 0
+    found = text.find(b"\r\n.\r\n")
+    return found + 2 if found >= 0 else -1
+
+
+def scratch_directory():
+    return os.environ.get("TMPDIR") or "/tmp"
+
+
+def scratch_file():
+    """A new temporary file without a name (0600), in $TMPDIR or /tmp: its descriptor."""
+    directory = scratch_directory()
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+    path = os.path.join(directory, f".minimail-{os.urandom(16).hex()}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.unlink(path)
+    return fd
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class MessageBody:
+    """A message's body in a temporary file, written once as it is read."""
+
+    def __init__(self):
+        self.fd = scratch_file()
+        self.size = 0
+        self.eight_bit = False
+
+    def write(self, data):
+        self.eight_bit = self.eight_bit or not data.isascii()
+        self.size += len(data)
+        write_all(self.fd, data)
+
+
+class MessageFile(io.RawIOBase):
+    """The message as one file that can be read again from any point: its
+    header's bytes, then the body's temporary file."""
+
+    def __init__(self, head, body):
+        super().__init__()
+        self.head, self.body, self.position = head, body, 0
+        self.size = len(head) + body.size
+        self.eight_bit = body.eight_bit or not head.isascii()
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.position
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer):
+        if self.position < len(self.head):
+            data = self.head[self.position:self.position + len(buffer)]
+        else:
+            data = os.pread(self.body.fd, len(buffer), self.position - len(self.head))
+        buffer[:len(data)] = data
+        self.position += len(data)
+        return len(data)
 
 
 HEADER_FIELD = re.compile(rb"[!-9;-~]+:")
+#: The most of a message's header the sendmail command keeps in memory (the
+#: rest, if a header is longer, goes on as the body's beginning).
+HEADER_MAX = 1024 * 1024
 
 
 def split_header(text):
@@ -5190,10 +5695,20 @@ class Submission:
         try:
             self.sock = socket.create_connection((ip, port), timeout=SUBMIT_TIMEOUT)
         except OSError as exc:
-            raise SendmailExit(EX_TEMPFAIL, f"cannot reach minimail at {self.where}: "
-                                            f"{describe_error(exc)} (is it running? minimail "
-                                            f"status)") from None
+            text = (f"cannot reach minimail at {self.where}: {describe_error(exc)} (is it "
+                    f"running? minimail status)")
+            if isinstance(exc, ConnectionRefusedError):      # nothing listens
+                raise Unreachable("is not running", f"{self.where}: {describe_error(exc)}",
+                                  text) from None
+            raise SendmailExit(EX_TEMPFAIL, text) from None
         self.replies = self.sock.makefile("rb")
+
+    def failed(self, exc):
+        """The exception for a connection that failed mid-way: gone, or timed out."""
+        if isinstance(exc, ConnectionError):                  # a reset, a broken pipe
+            return Unreachable("went away", f"{self.where}: {describe_error(exc)}",
+                               f"minimail at {self.where}: {describe_error(exc)}")
+        return SendmailExit(EX_TEMPFAIL, f"minimail at {self.where}: {describe_error(exc)}")
 
     def reply(self):
         """(code, the reply's lines joined) of the next reply."""
@@ -5202,15 +5717,14 @@ class Submission:
             while True:
                 line = self.replies.readline(REPLY_MAX * 2)
                 if not line:
-                    raise SendmailExit(EX_TEMPFAIL, f"minimail at {self.where} closed the "
-                                                    f"connection")
+                    raise Unreachable("went away", f"{self.where}: it closed the connection",
+                                      f"minimail at {self.where} closed the connection")
                 self.show("<<<", line)
                 lines.append(printable(line[4:], REPLY_MAX))
                 if line[3:4] != b"-":
                     break
         except OSError as exc:
-            raise SendmailExit(EX_TEMPFAIL, f"minimail at {self.where}: {describe_error(exc)}") \
-                from None
+            raise self.failed(exc) from None
         code = int(line[:3]) if line[:3].isdigit() else 0
         return code, " ".join(lines)
 
@@ -5219,8 +5733,7 @@ class Submission:
         try:
             self.sock.sendall(data)
         except OSError as exc:
-            raise SendmailExit(EX_TEMPFAIL, f"minimail at {self.where}: {describe_error(exc)}") \
-                from None
+            raise self.failed(exc) from None
 
     def command(self, line):
         self.send(line.encode("utf-8") + b"\r\n")
@@ -5264,8 +5777,7 @@ def submit(listen, sender, recipients, message, options, verbose, hostname):
             status = EX_NOUSER if all(c >= 500 for c, _ in refused.values()) else EX_TEMPFAIL
             raise SendmailExit(status, f"every recipient was refused: {code} {text}")
         smtp.expect(smtp.command("DATA"), 354)
-        stuffed = (b"." if message.startswith(b".") else b"") + message.replace(b"\r\n.", b"\r\n..")
-        smtp.send(stuffed + (b"" if stuffed.endswith(b"\r\n") else b"\r\n") + b".\r\n")
+        send_stuffed(smtp, message)
         smtp.expect(smtp.reply(), 250)
         try:
             smtp.command("QUIT")
@@ -5277,6 +5789,143 @@ def submit(listen, sender, recipients, message, options, verbose, hostname):
         print(f"minimail: <{printable(recipient, 100)}> was refused: {code} {text}",
               file=sys.stderr)
     return EX_OK
+
+
+def send_stuffed(smtp, message):
+    """The message's text, dot-stuffed, then the final dot: streamed from its
+    file (whose lines end in CRLF, so a dot after each LF is all to double)."""
+    message.seek(0)
+    line_start = True
+    while True:
+        chunk = message.read(CHUNK_SIZE)
+        if not chunk:
+            break
+        stuffed = chunk.replace(b"\n.", b"\n..")
+        smtp.send(b"." + stuffed if line_start and chunk.startswith(b".") else stuffed)
+        line_start = chunk.endswith(b"\n")
+    smtp.send(b".\r\n" if line_start else b"\r\n.\r\n")
+
+
+def keep_in_maildrop(unreachable, settings_file, sender, recipients, message, options):
+    """minimail cannot be reached: leave the message in its queue's maildrop,
+    which it takes in when it starts (exit 0).  With no maildrop, exit 75."""
+    queue, maildrop = find_maildrop(settings_file)
+    if maildrop is None:
+        raise unreachable
+    where = os.path.join(queue, MAILDROP)
+    try:
+        if message.size > maildrop_size_limit(settings_file):
+            raise SendmailExit(EX_TEMPFAIL, f"{unreachable}; the message ({message.size} bytes) "
+                                            f"is larger than --max-size: not kept in {where}")
+        pending = recipients if unreachable.pending is None else unreachable.pending
+        write_to_maildrop(maildrop, maildrop_envelope(sender, pending, options), message)
+    except OSError as exc:
+        raise SendmailExit(EX_TEMPFAIL, f"{unreachable}; and {where} cannot keep the mail: "
+                                        f"{exc.strerror}") from None
+    finally:
+        os.close(maildrop)
+    print(f"minimail: minimail {unreachable.what} ({unreachable.detail}): the mail waits in "
+          f"{where} and goes out once minimail runs", file=sys.stderr)
+    return EX_OK
+
+
+def maildrop_size_limit(settings_file):
+    """The largest message the daemon takes from the maildrop: --max-size in
+    the settings file, else its default."""
+    try:
+        return parse_count(settings_file.option("--max-size") or str(MAX_SIZE_DEFAULT),
+                           "--max-size")
+    except UsageError as exc:
+        raise SendmailExit(EX_CONFIG, f"{settings_file.path}: {exc}") from None
+
+
+def find_maildrop(settings_file):
+    """(queue, the maildrop's descriptor, O_PATH) as the daemon would have made
+    it: --queue in the settings file, else the daemon's default queue (this
+    user's own, root's, the service's); (None, None) if there is none."""
+    options = split_argv(settings_file.options)[0]
+    if any(name == "--no-queue" for name, _ in options):
+        return None, None
+    named = settings_file.option("--queue")
+    for queue in [os.path.abspath(named)] if named else \
+            dict.fromkeys((default_paths().queue, ROOT_QUEUE, SERVICE_QUEUE)):
+        maildrop = open_maildrop(queue)
+        if maildrop is not None:
+            return queue, maildrop
+    return None, None
+
+
+def open_maildrop(queue):
+    """The queue's maildrop (O_PATH: it may be entered, not read), if it is
+    what the daemon makes: a directory, no link, sticky, owned by the queue's
+    owner; else None."""
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+    try:
+        parent = os.open(queue, flags)
+    except OSError:
+        return None
+    try:
+        maildrop = os.open(MAILDROP, flags | os.O_NOFOLLOW, dir_fd=parent)
+        owner = os.fstat(parent).st_uid
+    except OSError:
+        return None
+    finally:
+        os.close(parent)
+    st = os.fstat(maildrop)
+    if st.st_uid != owner or not st.st_mode & stat.S_ISVTX or not st.st_mode & stat.S_IWOTH:
+        os.close(maildrop)
+        return None
+    return maildrop
+
+
+def maildrop_envelope(sender, recipients, options):
+    """The first line of a maildrop file: what the daemon needs besides the text."""
+    import json
+    body = next((o.partition("=")[2] for o in options if o.startswith("BODY=")), None)
+    envelope = {"sender": sender, "recipients": recipients, "body": body,
+                "smtputf8": "SMTPUTF8" in options}
+    return MAILDROP_LINE + json.dumps(envelope).encode("ascii") + b"\r\n"
+
+
+def write_to_maildrop(maildrop, envelope, message):
+    """Write a dot-named file (never read by the daemon while it is written),
+    fsync it, rename it to an unguessable name, make the rename durable."""
+    temporary, name = f".{os.urandom(16).hex()}", os.urandom(16).hex()
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 MAILDROP_FILE_MODE, dir_fd=maildrop)
+    try:
+        os.fchmod(fd, MAILDROP_FILE_MODE)           # not cut by the umask
+        write_all(fd, envelope)
+        message.seek(0)
+        while True:
+            chunk = message.read(CHUNK_SIZE)
+            if not chunk:
+                break
+            write_all(fd, chunk)
+        os.fsync(fd)
+        os.rename(temporary, name, src_dir_fd=maildrop, dst_dir_fd=maildrop)
+    except OSError:
+        remove_quietly(temporary, maildrop)
+        raise
+    else:
+        sync_maildrop(maildrop, fd)
+    finally:
+        os.close(fd)
+
+
+def sync_maildrop(maildrop, fd):
+    """Make the rename durable: fsync the directory, if this user may open it;
+    else fsync the file once more (the rename changed its ctime, so ext4's and
+    XFS's fsync commits the journal that holds the rename)."""
+    try:
+        directory = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=maildrop)
+    except PermissionError:
+        os.fsync(fd)
+        return
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def smtp_on_stdio(listen):
@@ -5372,7 +6021,8 @@ def dispatch(args, settings_file):
     if args["stop"]:
         return stop(pidfile)
     if args["status"]:
-        return status(pidfile, args["--json"])
+        return status(pidfile, args["--json"],
+                      queue_directory(args["--queue"], settings_file, pidfile))
     if args["flush"]:
         return flush(pidfile)
     if args["queue"]:
