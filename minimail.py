@@ -461,8 +461,8 @@ def explain_usage_error(argv, complaint):
              sum(1 for other, _ in options if other == name) > 1]
     if twice:
         return f"{twice[0]} is given twice"
-    if complaint and not complaint.startswith("Warning:"):
-        return complaint                      # e.g. "--listen requires argument"
+    if complaint and not complaint.startswith(("Warning:", "Usage:")):
+        return complaint    # e.g. "--listen requires argument" (docopt 0.6.2: just the usage)
     positional = [w for w in positional if w not in COMMANDS]
     if positional and "--tunnel-command" in given:
         return "give DESTINATION or --tunnel-command, not both"
