@@ -94,6 +94,11 @@ Options:
   --pidfile=PATH            The daemon's pid file (see Files below).
   --logfile=PATH            The daemon's log file (see Files below).
   --config=FILE             The settings file (see Settings below).
+  --idle-without-destination
+                            Without DESTINATION (none in the settings
+                            file yet), listen and queue mail but run no
+                            tunnel, instead of stopping with a usage
+                            error: what the Debian package's service does.
   --json                    With status and queue: print JSON.
   -v, --verbose             Log debug messages too.
   -h, --help                Show this text.
@@ -560,7 +565,7 @@ class SettingsFile:
 class Settings:
     """Everything the command line says, checked once, before anything starts."""
 
-    def __init__(self, args):
+    def __init__(self, args, settings_path=None):
         self.listen = parse_listen(args["--listen"])
         self.tunnel_port = args["--tunnel-port"] and parse_port(args["--tunnel-port"], "--tunnel-port")
         self.remote = parse_remote(args["--remote"])
@@ -588,9 +593,12 @@ class Settings:
             else parse_destination(args["DESTINATION"])
         self.tunnel_command = args["--tunnel-command"] and parse_command(
             args["--tunnel-command"], "--tunnel-command")
+        self.idle = None                  # or why there is no tunnel
         if not self.destination and not self.tunnel_command:
-            raise UsageError("DESTINATION is missing: the ssh destination, [user@]host "
-                             "(or MINIMAIL_DESTINATION in the settings file)")
+            if not args.get("--idle-without-destination"):
+                raise UsageError("DESTINATION is missing: the ssh destination, [user@]host "
+                                 "(or MINIMAIL_DESTINATION in the settings file)")
+            self.idle = f"MINIMAIL_DESTINATION is not set in {settings_path or 'a settings file'}"
         if self.tunnel_command and not self.tunnel_port:
             raise UsageError("--tunnel-command needs --tunnel-port: where the command's tunnel accepts")
 
@@ -610,6 +618,8 @@ class Settings:
         """How the tunnel is made, for the start-up line."""
         if self.tunnel_command:
             return f"{shlex.join(self.tunnel_command)} on 127.0.0.1:{self.tunnel_port}"
+        if self.idle:
+            return "none"
         return f"ssh {self.destination} to {self.remote}"
 
 
@@ -1107,6 +1117,8 @@ class Supervisor:
         child = self.child if self.child is not exclude else None
         if self.closing:
             raise TunnelUnavailable("minimail is stopping")
+        if self.settings.idle:
+            raise TunnelUnavailable(f"idle: {self.settings.idle}")
         left = self.retry_at - self.clock()
         if child is None and left > 0:
             raise TunnelUnavailable(f"{self.error}; next try in {math.ceil(left)} s")
@@ -1123,6 +1135,7 @@ class Supervisor:
             "failures": self.failures,
             "retry_at": wall_clock(self.retry_at, now) if self.retry_at > now else None,
             "last_error": self.error,
+            "idle": self.settings.idle,
         }
 
     # -- the supervisor greenlet --------------------------------------------
@@ -1197,7 +1210,7 @@ class Supervisor:
     def facts(self, now):
         child = self.child
         return Facts(now, self.phase, self.clients, child and child.launched_at,
-                     self.countdown_ends, self.retry_at, self.closing,
+                     self.countdown_ends, self.retry_at, self.closing or bool(self.settings.idle),
                      self.shared_endpoint and bool(self.retiring))
 
     def polling(self, now):
@@ -3531,7 +3544,8 @@ STATE_SCHEMA = {
     "clients_active": NUMBER, "sessions": NUMBER, "bytes_from_clients": NUMBER,
     "bytes_to_clients": NUMBER, "updated": NUMBER,
     "tunnel": {"state": TEXT, "pid": NUMBER, "since": NUMBER, "stops_at": NUMBER,
-               "session": FLAG, "failures": NUMBER, "retry_at": NUMBER, "last_error": TEXT},
+               "session": FLAG, "failures": NUMBER, "retry_at": NUMBER, "last_error": TEXT,
+               "idle": TEXT},
     "queue": {"dir": TEXT, "count": NUMBER, "oldest": NUMBER, "next_try": NUMBER,
               "failed": NUMBER},
 }
@@ -3797,6 +3811,9 @@ def run(settings, listener, user, pidfile, readiness, logfile=None, warnings=())
         return 1
     log.info("listening on %s; tunnel: %s; queue: %s", where, settings.describe_tunnel(),
              settings.queue or "off")
+    if settings.idle:
+        log.warning("idle: %s: mail waits in the queue until it is set and minimail "
+                    "restarted", settings.idle)
     readiness.ready(where)
     return daemon.serve(readiness)
 
@@ -3972,6 +3989,9 @@ def describe_status(pid, state):
                         "the state file is not readable for you: try sudo)"]
     lines[0] += f", up {format_duration(now - state['started'])}, listening on {state['listening']}"
     tunnel = state["tunnel"] or {}
+    if tunnel.get("idle"):
+        return lines + [f"tunnel: none: idle: {tunnel['idle']}",
+                        describe_queue_state(state.get("queue"), now)]
     line = f"tunnel: {tunnel.get('state')}"
     if tunnel.get("pid") and tunnel.get("since"):
         line += f" (pid {tunnel['pid']:.0f}, for {format_duration(now - tunnel['since'])})"
@@ -4663,6 +4683,8 @@ def main(argv=None):
         return sendmail_main(argv)
     if name == "mailq":
         return sendmail_main(["-bp"])
+    if name == "newaliases":         # a symlink, as every MTA installs it: never a daemon
+        return sendmail_main(["-bi", *argv])
     if argv[:1] == ["sendmail"]:
         return sendmail_main(argv[1:])
     from docopt import DocoptExit, docopt
@@ -4711,7 +4733,7 @@ def dispatch(args, settings_file):
     if args["queue"]:
         log_to_stderr(args["--verbose"])
         return show_queue(queue_directory(args["--queue"], settings_file, pidfile), args["--json"])
-    settings = Settings(args)
+    settings = Settings(args, settings_file.path)
     if args["check"]:
         if not settings.destination:
             raise UsageError("check tries ssh: it needs DESTINATION, not --tunnel-command")
