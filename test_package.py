@@ -7,7 +7,12 @@ used and purged by .ci/check-deb, in a throwaway overlay of the machine's root.
 """
 
 import re
+from pathlib import Path
+
+import minimail
 from conftest import make_message, minimail_command, send_mail, wait_until
+
+HERE = Path(__file__).resolve().parent
 
 
 def test_without_a_destination_the_service_idles_and_queues(minimail_process, run_dir):
@@ -37,3 +42,7 @@ def test_without_a_destination_and_not_told_to_idle_it_is_a_usage_error(tmp_path
     result = minimail_command("--foreground", "--config", settings, "--listen", "127.0.0.1:1")
     assert result.returncode == 2 and "DESTINATION is missing" in result.stderr
 
+
+def test_the_debian_changelog_names_this_version():
+    first = (HERE / "debian" / "changelog").read_text().splitlines()[0]
+    assert first.startswith(f"minimail ({minimail.__version__}) "), first
