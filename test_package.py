@@ -6,11 +6,13 @@ and of `minimail status`.  The package itself is built, linted, installed,
 used and purged by .ci/check-deb, in a throwaway overlay of the machine's root.
 """
 
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import minimail
-from conftest import make_message, minimail_command, send_mail, wait_until
+from conftest import console_script, free_port, make_message, minimail_command, send_mail, wait_until
 
 HERE = Path(__file__).resolve().parent
 
@@ -46,3 +48,18 @@ def test_without_a_destination_and_not_told_to_idle_it_is_a_usage_error(tmp_path
 def test_the_debian_changelog_names_this_version():
     first = (HERE / "debian" / "changelog").read_text().splitlines()[0]
     assert first.startswith(f"minimail ({minimail.__version__}) "), first
+
+
+def test_newaliases_checks_the_aliases_and_never_starts_a_daemon(tmp_path):
+    """Other packages' maintainer scripts run `newaliases` after they add an
+    alias; with MINIMAIL_DESTINATION set, minimail under that name must not
+    take it for `minimail start`."""
+    link = tmp_path / "newaliases"
+    link.symlink_to(console_script())
+    settings = tmp_path / "minimail.conf"
+    settings.write_text(f"MINIMAIL_DESTINATION=you@hoster.example\n"
+                        f"MINIMAIL_OPTIONS=--listen 127.0.0.1:{free_port()} --pidfile {tmp_path}/m.pid\n")
+    result = subprocess.run([link], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "MINIMAIL_CONFIG": str(settings)})
+    assert result.returncode == 0, result.stderr
+    assert "started" not in result.stdout and not (tmp_path / "m.pid").exists()
