@@ -98,7 +98,7 @@ Options:
                             Without DESTINATION (none in the settings
                             file yet), listen and queue mail but run no
                             tunnel, instead of stopping with a usage
-                            error: what the Debian package's service does.
+                            error (minimail.service runs so).
   --json                    With status and queue: print JSON.
   -v, --verbose             Log debug messages too.
   -h, --help                Show this text.
