@@ -94,6 +94,11 @@ Options:
   --pidfile=PATH            The daemon's pid file (see Files below).
   --logfile=PATH            The daemon's log file (see Files below).
   --config=FILE             The settings file (see Settings below).
+  --idle-without-destination
+                            Without DESTINATION (none in the settings
+                            file yet), listen and queue mail but run no
+                            tunnel, instead of stopping with a usage
+                            error (minimail.service runs so).
   --json                    With status and queue: print JSON.
   -v, --verbose             Log debug messages too.
   -h, --help                Show this text.
@@ -492,8 +497,8 @@ def explain_usage_error(argv, complaint):
              sum(1 for other, _ in options if other == name) > 1]
     if twice:
         return f"{twice[0]} is given twice"
-    if complaint and not complaint.startswith("Warning:"):
-        return complaint                      # e.g. "--listen requires argument"
+    if complaint and not complaint.startswith(("Warning:", "Usage:")):
+        return complaint    # e.g. "--listen requires argument" (docopt 0.6.2: just the usage)
     positional = [w for w in positional if w not in COMMANDS]
     if positional and "--tunnel-command" in given:
         return "give DESTINATION or --tunnel-command, not both"
@@ -685,9 +690,12 @@ class Settings:
             else parse_destination(args["DESTINATION"])
         self.tunnel_command = args["--tunnel-command"] and parse_command(
             args["--tunnel-command"], "--tunnel-command")
+        self.idle = None                  # or why there is no tunnel
         if not self.destination and not self.tunnel_command:
-            raise UsageError("DESTINATION is missing: the ssh destination, [user@]host "
-                             "(or MINIMAIL_DESTINATION in the settings file)")
+            if not args.get("--idle-without-destination"):
+                raise UsageError("DESTINATION is missing: the ssh destination, [user@]host "
+                                 "(or MINIMAIL_DESTINATION in the settings file)")
+            self.idle = f"MINIMAIL_DESTINATION is not set in {settings_file.path or 'a settings file'}"
         if self.tunnel_command and not self.tunnel_port:
             raise UsageError("--tunnel-command needs --tunnel-port: where the command's tunnel accepts")
 
@@ -707,6 +715,8 @@ class Settings:
         """How the tunnel is made, for the start-up line."""
         if self.tunnel_command:
             return f"{shlex.join(self.tunnel_command)} on 127.0.0.1:{self.tunnel_port}"
+        if self.idle:
+            return "none"
         return f"ssh {self.destination} to {self.remote}"
 
 
@@ -1204,6 +1214,8 @@ class Supervisor:
         child = self.child if self.child is not exclude else None
         if self.closing:
             raise TunnelUnavailable("minimail is stopping")
+        if self.settings.idle:
+            raise TunnelUnavailable(f"idle: {self.settings.idle}")
         left = self.retry_at - self.clock()
         if child is None and left > 0:
             raise TunnelUnavailable(f"{self.error}; next try in {math.ceil(left)} s")
@@ -1220,6 +1232,7 @@ class Supervisor:
             "failures": self.failures,
             "retry_at": wall_clock(self.retry_at, now) if self.retry_at > now else None,
             "last_error": self.error,
+            "idle": self.settings.idle,
         }
 
     # -- the supervisor greenlet --------------------------------------------
@@ -1294,7 +1307,7 @@ class Supervisor:
     def facts(self, now):
         child = self.child
         return Facts(now, self.phase, self.clients, child and child.launched_at,
-                     self.countdown_ends, self.retry_at, self.closing,
+                     self.countdown_ends, self.retry_at, self.closing or bool(self.settings.idle),
                      self.shared_endpoint and bool(self.retiring))
 
     def polling(self, now):
@@ -3960,7 +3973,8 @@ STATE_SCHEMA = {
     "clients_active": NUMBER, "sessions": NUMBER, "bytes_from_clients": NUMBER,
     "bytes_to_clients": NUMBER, "updated": NUMBER,
     "tunnel": {"state": TEXT, "pid": NUMBER, "since": NUMBER, "stops_at": NUMBER,
-               "session": FLAG, "failures": NUMBER, "retry_at": NUMBER, "last_error": TEXT},
+               "session": FLAG, "failures": NUMBER, "retry_at": NUMBER, "last_error": TEXT,
+               "idle": TEXT},
     "queue": {"dir": TEXT, "count": NUMBER, "oldest": NUMBER, "next_try": NUMBER,
               "failed": NUMBER, "untold": NUMBER},
 }
@@ -4226,6 +4240,9 @@ def run(settings, listener, user, pidfile, readiness, logfile=None, warnings=())
         return 1
     log.info("listening on %s; tunnel: %s; queue: %s", where, settings.describe_tunnel(),
              settings.queue or "off")
+    if settings.idle:
+        log.warning("idle: %s: mail waits in the queue until it is set and minimail "
+                    "restarted", settings.idle)
     readiness.ready(where)
     return daemon.serve(readiness)
 
@@ -4421,6 +4438,9 @@ def describe_status(pid, state):
                         "the state file is not readable for you: try sudo)"]
     lines[0] += f", up {format_duration(now - state['started'])}, listening on {state['listening']}"
     tunnel = state["tunnel"] or {}
+    if tunnel.get("idle"):
+        return lines + [f"tunnel: none: idle: {tunnel['idle']}",
+                        describe_queue_state(state.get("queue"), now)]
     line = f"tunnel: {tunnel.get('state')}"
     if tunnel.get("pid") and tunnel.get("since"):
         line += f" (pid {tunnel['pid']:.0f}, for {format_duration(now - tunnel['since'])})"
@@ -5977,8 +5997,8 @@ def main(argv=None):
         return sendmail_main(argv)
     if name == "mailq":
         return sendmail_main(["-bp"])
-    if name == "newaliases":
-        return sendmail_main(["-bi"])
+    if name == "newaliases":         # a symlink, as every MTA installs it: never a daemon
+        return sendmail_main(["-bi", *argv])
     if argv[:1] == ["sendmail"]:
         return sendmail_main(argv[1:])
     from docopt import DocoptExit, docopt

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from conftest import (
-    AS_ROOT, free_port, make_message, minimail_command, minimail_via, need, wait_until)
+    AS_ROOT, console_script, free_port, make_message, minimail_command, minimail_via, need, wait_until)
 
-CONSOLE_SCRIPT = Path(sys.executable).parent / "minimail"
+CONSOLE_SCRIPT = console_script()
 SENDER, ADMIN = "me@desktop.example", "admin@hoster.example"
 
 #: What Debian's cron pipes to `sendmail -FCronDaemon -i -B8BITMIME -oem root`
