@@ -27,7 +27,6 @@ from pathlib import Path
 import pytest
 
 import minimail
-from minimail import DialogueFailed, DotStuffer, SmtpClient
 from conftest import make_message, minimail_command, proc_status, wait_until
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "minimail"
@@ -41,8 +40,8 @@ CONSOLE_SCRIPT = Path(sys.executable).parent / "minimail"
 def far_end():
     """(a client on one end of a socket pair, the other end), closed after the test."""
     ours, theirs = socket.socketpair()
-    client = SmtpClient(ours, deadlines={**dict.fromkeys(minimail.REPLY_DEADLINES, 5.0),
-                                         "MAIL": 1.0})
+    deadlines = {**dict.fromkeys(minimail.REPLY_DEADLINES, 5.0), "MAIL": 1.0}
+    client = minimail.SmtpClient(ours, deadlines=deadlines)
     yield client, theirs
     ours.close()
     theirs.close()
@@ -61,7 +60,7 @@ def test_dot_stuffing_is_the_same_in_any_blocks(seed):
                     for _ in range(rng.randrange(0, 60)))
     text = text.replace(b"\n", b"\r\n").replace(b"\r\r\n", b"\r\n")       # CRLF line ends
     cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randrange(1, 6))))
-    stuffer = DotStuffer()
+    stuffer = minimail.DotStuffer()
     blocks = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
     assert b"".join(stuffer.stuff(block) for block in blocks) + stuffer.end() == \
         reference_stuffing(text)
@@ -105,7 +104,7 @@ def test_replies_are_bounded_and_must_fit_their_step(far_end, reply, complaint):
     if complaint is None:
         assert answer() is True
         return
-    with pytest.raises(DialogueFailed) as failed:
+    with pytest.raises(minimail.DialogueFailed) as failed:
         answer()
     assert str(failed.value) == complaint
 
@@ -114,7 +113,8 @@ def test_a_reply_waiting_before_its_command_is_a_protocol_error(far_end):
     client, theirs = far_end
     theirs.sendall(b"250 2.0.0 stray\r\n")
     time.sleep(0.05)
-    with pytest.raises(DialogueFailed, match=r"^spoke before MAIL was sent \(a protocol error\)$"):
+    with pytest.raises(minimail.DialogueFailed,
+                       match=r"^spoke before MAIL was sent \(a protocol error\)$"):
         client.ask("MAIL", "MAIL FROM:<a@b>")
     assert not select_readable(theirs)               # and MAIL was never sent
 
@@ -142,7 +142,7 @@ def test_a_deadline_is_for_the_whole_reply_not_each_byte(far_end):
     dripping = threading.Thread(target=drip, daemon=True)
     dripping.start()
     started = time.monotonic()
-    with pytest.raises(DialogueFailed, match=r"^no whole reply to MAIL within 1 s$"):
+    with pytest.raises(minimail.DialogueFailed, match=r"^no whole reply to MAIL within 1 s$"):
         client.reply("MAIL")
     assert 0.9 < time.monotonic() - started < 1.5
     dripping.join(10)
@@ -158,7 +158,7 @@ def test_a_deadline_is_for_the_whole_reply_not_each_byte(far_end):
 ])
 def test_each_step_takes_only_the_replies_that_fit_it(step, code, goes_on):
     if goes_on is None:
-        with pytest.raises(DialogueFailed, match="does not fit"):
+        with pytest.raises(minimail.DialogueFailed, match="does not fit"):
             minimail.goes_on(step, code)
     else:
         assert minimail.goes_on(step, code) is goes_on
