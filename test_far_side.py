@@ -373,7 +373,8 @@ def test_addresses_reach_the_hoster_from_the_queue_exactly_as_through_the_tunnel
     live = far_side.lines[len(from_queue):]
 
     def paths(lines):
-        return [re.sub(rb"> .*", b">", line) for line in lines if line[:4] in (b"MAIL", b"RCPT")]
+        return [re.sub(rb"> .*", b">", line) for line in lines
+                if line[:4].upper() in (b"MAIL", b"RCPT")]
     assert paths(from_queue) == paths(live) == [
         b"MAIL FROM:<me(x)@desktop.example>", *(f"RCPT TO:<{r}>".encode() for r in ODD_BUT_VALID)]
     queued, direct = far_side.taken
