@@ -2111,6 +2111,7 @@ class SmtpClient:
         self.extensions = {}          # EHLO's keywords (upper case) -> their parameters
         self.utf8 = False             # the transaction asked for SMTPUTF8
         self.received = 0             # bytes from the far side
+        self.broken = None            # why the dialogue cannot go on (a failed RSET)
 
     # -- a session ---------------------------------------------------------
 
@@ -2135,7 +2136,7 @@ class SmtpClient:
         self.utf8 = "SMTPUTF8" in parameters
         ok, reply = self.ask("MAIL", f"MAIL FROM:<{sender}>{''.join(' ' + p for p in parameters)}")
         if not ok:
-            self.ask("RSET", "RSET")
+            self.reset()
             return Transaction({r: reply for r in recipients}, [], reply)
         results, accepted, rest = {}, [], []
         for i, recipient in enumerate(recipients):
@@ -2148,7 +2149,7 @@ class SmtpClient:
             if ok:
                 accepted.append(recipient)
         if not accepted:
-            self.ask("RSET", "RSET")
+            self.reset()
             return Transaction(results, rest, None)
         ok, reply = self.data(message)
         results.update((r, reply) for r in accepted)
@@ -2159,7 +2160,7 @@ class SmtpClient:
         dot), or (False, the no to DATA).  Only the reply to the dot proves delivery."""
         ok, reply = self.ask("DATA", "DATA")
         if not ok:
-            self.ask("RSET", "RSET")
+            self.reset()
             return False, reply
         stuffer, size = DotStuffer(), 0
         while True:
@@ -2175,6 +2176,14 @@ class SmtpClient:
         reply = self.reply("the final dot")
         return goes_on("the final dot", reply.code), reply
 
+    def reset(self):
+        """RSET after the far side's no, which stands even if RSET fails: then
+        the next command fails at once, as the first failure said."""
+        try:
+            self.ask("RSET", "RSET")
+        except DialogueFailed as exc:
+            self.broken = exc
+
     def quit(self):
         """QUIT, and its answer if it comes soon; what goes wrong no longer matters."""
         try:
@@ -2186,6 +2195,8 @@ class SmtpClient:
 
     def ask(self, step, line):
         """Send a command line and read its reply: (it goes on, the Reply)."""
+        if self.broken is not None:
+            raise DialogueFailed(str(self.broken))
         self.must_be_quiet(step)
         try:
             data = line.encode("utf-8" if self.utf8 else "ascii") + b"\r\n"

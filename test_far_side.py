@@ -189,6 +189,24 @@ def test_a_transaction_the_far_side_cuts_with_452_leaves_the_rest_for_another(fa
                     b"RCPT TO:<d@x>\r\n", b"DATA\r\n", b"Subject: s\r\n", b"\r\n", b"..dot\r\n"]
 
 
+def test_a_no_to_mail_stands_when_the_far_side_then_hangs_up(far_end):
+    client, theirs = far_end
+
+    def far_side():
+        theirs.recv(100)
+        theirs.sendall(b"550 5.7.1 not from you\r\n")
+        theirs.shutdown(socket.SHUT_RDWR)
+    serving = threading.Thread(target=far_side, daemon=True)
+    serving.start()
+    done = client.transaction("me@x", ["a@x", "b@x"], [], io.BytesIO(b"x\r\n"))
+    serving.join(5)
+    assert {r: str(reply) for r, reply in done.results.items()} == \
+        {"a@x": "550 5.7.1 not from you", "b@x": "550 5.7.1 not from you"}
+    assert done.refused.code == 550
+    with pytest.raises(minimail.DialogueFailed):               # the next transaction cannot be
+        client.transaction("me@x", ["c@x"], [], io.BytesIO(b"x\r\n"))
+
+
 @pytest.mark.parametrize("word, addresses", [
     ("alice@x,bob@y", ["alice@x", "bob@y"]), ('"a,b"@x', ['"a,b"@x']),
     ("a@x, b@y ,", ["a@x", "b@y"]), ("carol(comment, more)@x", ["carol(comment, more)@x"]),
