@@ -3145,8 +3145,8 @@ class QueueRunner:
                     left.pop(0)
                 smtp.quit()
             except (DialogueFailed, OSError) as exc:
-                log.warning("queue: the dialogue with the hoster ended: %s",
-                            exc if isinstance(exc, DialogueFailed) else describe_error(exc))
+                if isinstance(exc, DialogueFailed):      # its text names steps and codes only
+                    log.warning("queue: the dialogue with the hoster ended: %s", exc)
                 for envelope in left:
                     self.defer(envelope, f"the connection to the hoster failed: {smtp_error(exc)}")
             finally:
