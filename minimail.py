@@ -2162,16 +2162,18 @@ class SmtpClient:
         if not ok:
             self.reset()
             return False, reply
-        stuffer, size = DotStuffer(), 0
+        stuffer, size, last = DotStuffer(), 0, b""
         while True:
             chunk = message.read(CHUNK_SIZE)
             if not chunk:
                 break
             size += len(chunk)
-            self.send_block(stuffer.stuff(chunk), "the message's text")
+            if last:
+                self.send_block(last, "the message's text")
+            last = stuffer.stuff(chunk)
         self.show(">>>", f"[the message's text: {size} bytes]".encode())
         self.must_be_quiet("the final dot")
-        self.send_block(stuffer.end(), "the final dot")
+        self.send_block(last + stuffer.end(), "the final dot")   # one send: no wait for an ACK
         self.show(">>>", b".")
         reply = self.reply("the final dot")
         return goes_on("the final dot", reply.code), reply
