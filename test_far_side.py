@@ -145,6 +145,7 @@ def test_a_deadline_is_for_the_whole_reply_not_each_byte(far_end):
     with pytest.raises(minimail.DialogueFailed, match=r"^no whole reply to MAIL within 1 s$"):
         client.reply("MAIL")
     assert 0.9 < time.monotonic() - started < 3
+    client.sock.shutdown(socket.SHUT_RDWR)           # the dripping ends
     dripping.join(10)
 
 
