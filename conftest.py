@@ -356,6 +356,9 @@ def through_ssh(sshd, hoster, minimail_process):
 #:   echo DELAY PORT  -- start listening only after DELAY seconds; echo until EOF
 #:   greet PORT FILE  -- send 1 MiB and half-close; then sink until EOF and
 #:                       write "<length> <sha256>" of what arrived to FILE
+#:   forward PORT FILE -- splice each connection to 127.0.0.1:<the port in FILE>,
+#:                       read anew for each; without FILE, exit at once (the
+#:                       hoster is away: as an ssh that cannot connect)
 TUNNEL_DOUBLE = r'''
 import hashlib, os, socket, sys, threading, time
 
@@ -386,10 +389,40 @@ def greet(conn, path):
     os.rename(path + ".tmp", path)
     conn.close()
 
+def pipe(src, dst):
+    try:
+        while True:
+            data = src.recv(65536)
+            if not data:
+                break
+            dst.sendall(data)
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:            # either side went away
+        pass
+
+def forward(conn, path):
+    try:
+        with open(path) as f:
+            far = socket.create_connection(("127.0.0.1", int(f.read())), timeout=5)
+    except (OSError, ValueError):
+        conn.close()
+        return
+    far.settimeout(None)
+    back = threading.Thread(target=pipe, args=(far, conn), daemon=True)
+    back.start()
+    pipe(conn, far)
+    back.join()
+    far.close()
+    conn.close()
+
 mode = sys.argv[1]
 if mode == "echo":
     time.sleep(float(sys.argv[2]))
     port, serve, extra = int(sys.argv[3]), echo, ()
+elif mode == "forward":
+    if not os.path.exists(sys.argv[3]):
+        sys.exit("forward: the hoster is away")
+    port, serve, extra = int(sys.argv[2]), forward, (sys.argv[3],)
 else:
     port, serve, extra = int(sys.argv[2]), greet, (sys.argv[3],)
 listener = socket.create_server(("127.0.0.1", port))

@@ -229,6 +229,10 @@ log = logging.getLogger("minimail")
 #                 post what they know (arrived, left, got through, stale).
 #   Forwarder     the listening socket, the sessions, the splice pools and
 #                 every 421; it hands a session it cannot pass on to the queue.
+#   SmtpClient    one SMTP dialogue with a far side, for the queue runner and
+#                 the sendmail command: the step it is in, each reply bounded
+#                 and checked against that step, addresses as given, the one
+#                 dot-stuffer (stdlib only).
 #   Spool         the queue directory: durable writes, envelopes, failed/.
 #   Receiver      serves one SMTP session itself, into the spool.
 #   QueueRunner   delivers the spool through the tunnel, bounces what fails.
@@ -2118,6 +2122,276 @@ class IdleTimer:
 
 
 # ---------------------------------------------------------------------------
+# The SMTP client: one for the queue runner and the sendmail command
+# ---------------------------------------------------------------------------
+
+#: How long each reply may take, whole, from the command's end (RFC 5321,
+#: 4.5.3.2): the greeting, commands and MAIL/RCPT 5 minutes, DATA's go-ahead
+#: 2, the answer to the final dot 10 (the far side may still be filtering a
+#: mail it has taken: minimail waits rather than send it twice).  QUIT's answer
+#: is not worth a long wait.
+REPLY_DEADLINES = {"greeting": 300.0, "EHLO": 300.0, "HELO": 300.0, "MAIL": 300.0,
+                   "RCPT": 300.0, "RSET": 300.0, "DATA": 120.0, "the final dot": 600.0,
+                   "QUIT": 10.0}
+#: How long each block of a message's text may take to be sent (RFC 5321: 3 minutes).
+BLOCK_DEADLINE = 180.0
+#: The most lines one reply may have; a far side that never ends one is cut.
+REPLY_LINES_MAX = 100
+#: A reply line: its code, then a space (the last line), a dash (more follow)
+#: or nothing, then its text.
+REPLY_LINE = re.compile(rb"([1-5][0-9][0-9])(?:([ -])(.*))?", re.S)
+#: The only codes that let these steps go on (elsewhere: any 2xx).
+GOES_ON = {"greeting": (220,), "EHLO": (250,), "HELO": (250,), "DATA": (354,)}
+
+
+class DialogueFailed(Exception):
+    """The dialogue with the far side cannot go on: it closed, a deadline
+    passed, or a reply did not fit its step (a protocol error, or a lie).  The
+    connection must end, and nothing in flight counts as delivered.  The text
+    names the step and codes only (it may be logged); `reply` is the far
+    side's refusal where it was one (a 554 greeting)."""
+
+    def __init__(self, text, reply=None, gone=False):
+        super().__init__(text)
+        self.reply = reply
+        self.gone = gone              # the far side closed or reset the connection
+
+
+class Reply(collections.namedtuple("Reply", "code lines")):
+    """One reply of the far side: its code and each line's text (str)."""
+
+    def __str__(self):
+        return f"{self.code} {printable(' '.join(self.lines), 300)}".rstrip()
+
+
+#: A transaction's end: `results`, a Reply for every recipient given (the
+#: answer to the final dot for those accepted); `rest`, the recipients the far
+#: side would not take in this transaction (a 452 after some were accepted:
+#: for another one); `refused`, the no to MAIL, DATA or the final dot, if any.
+Transaction = collections.namedtuple("Transaction", "results rest refused")
+
+
+def goes_on(step, code):
+    """True if a reply with this code lets the step go on, False if it is the
+    far side's no (4xx, 5xx); DialogueFailed if it does not fit the step."""
+    wanted = GOES_ON.get(step)
+    if (code in wanted) if wanted else 200 <= code < 300:
+        return True
+    if 400 <= code < 600:
+        return False
+    raise DialogueFailed(f"answered {step} with {code}, which does not fit (a protocol error)")
+
+
+class DotStuffer:
+    """Dot-stuffing (RFC 5321, 4.5.2) of a message's text sent in blocks: a
+    dot that begins a line is doubled; the text then ends with CRLF and a lone
+    dot.  The one place minimail stuffs."""
+
+    def __init__(self):
+        self.tail = b"\r\n"           # the text's last two bytes (a line starts)
+
+    def stuff(self, chunk):
+        if not chunk:
+            return b""
+        stuffed = chunk.replace(b"\n.", b"\n..")
+        if self.tail.endswith(b"\n") and chunk.startswith(b"."):
+            stuffed = b"." + stuffed
+        self.tail = (self.tail + chunk)[-2:]
+        return stuffed
+
+    def end(self):
+        return b".\r\n" if self.tail == b"\r\n" else b"\r\n.\r\n"
+
+
+class SmtpClient:
+    """One SMTP dialogue with a far side, on any socket object (a blocking
+    stdlib socket in the sendmail command, a gevent socket in the runner),
+    through its recv, sendall and settimeout.  It knows the step it is in,
+    reads each reply whole within that step's deadline and bounds (lines of
+    at most REPLY_MAX bytes, at most REPLY_LINES_MAX of them), and checks it
+    against the step.  Addresses go out as they are given."""
+
+    def __init__(self, sock, show=None, deadlines=REPLY_DEADLINES, block_deadline=BLOCK_DEADLINE):
+        self.sock = sock
+        self.show = show or (lambda direction, data: None)    # -v: the dialogue
+        self.deadlines = deadlines
+        self.block_deadline = block_deadline
+        self.buffer = bytearray()
+        self.step = "greeting"
+        self.extensions = {}          # EHLO's keywords (upper case) -> their parameters
+        self.utf8 = False             # the transaction asked for SMTPUTF8
+        self.received = 0             # bytes from the far side
+        self.broken = None            # why the dialogue cannot go on (a failed RSET)
+
+    # -- a session ---------------------------------------------------------
+
+    def greet(self, hostname):
+        """The greeting, then EHLO (HELO if EHLO is refused); DialogueFailed
+        if the far side will not talk."""
+        reply = self.reply("greeting")
+        if not goes_on("greeting", reply.code):
+            raise DialogueFailed(f"greeted with {reply.code}", reply)
+        ok, reply = self.ask("EHLO", f"EHLO {hostname}")
+        if ok:
+            self.extensions = {line.split(" ", 1)[0].upper(): line.partition(" ")[2]
+                               for line in reply.lines[1:] if line}
+            return
+        ok, reply = self.ask("HELO", f"HELO {hostname}")
+        if not ok:
+            raise DialogueFailed(f"answered EHLO and HELO with {reply.code}", reply)
+
+    def transaction(self, sender, recipients, parameters, message):
+        """MAIL, RCPT for each recipient, DATA and the message's text (read
+        from `message` with .read()): a Transaction."""
+        self.utf8 = "SMTPUTF8" in parameters
+        ok, reply = self.ask("MAIL", f"MAIL FROM:<{sender}>{''.join(' ' + p for p in parameters)}")
+        if not ok:
+            self.reset()
+            return Transaction({r: reply for r in recipients}, [], reply)
+        results, accepted, rest = {}, [], []
+        for i, recipient in enumerate(recipients):
+            ok, reply = self.ask("RCPT", f"RCPT TO:<{recipient}>")
+            if reply.code == 452 and accepted:         # as many as it takes: the rest later
+                rest = recipients[i:]
+                results.update((r, reply) for r in rest)
+                break
+            results[recipient] = reply
+            if ok:
+                accepted.append(recipient)
+        if not accepted:
+            self.reset()
+            return Transaction(results, rest, None)
+        ok, reply = self.data(message)
+        results.update((r, reply) for r in accepted)
+        return Transaction(results, rest, None if ok else reply)
+
+    def data(self, message):
+        """DATA, the text dot-stuffed, the final dot: (delivered, the reply to the
+        dot), or (False, the no to DATA).  Only the reply to the dot proves delivery."""
+        ok, reply = self.ask("DATA", "DATA")
+        if not ok:
+            self.reset()
+            return False, reply
+        stuffer, size, last = DotStuffer(), 0, b""
+        while True:
+            chunk = message.read(CHUNK_SIZE)
+            if not chunk:
+                break
+            size += len(chunk)
+            if last:
+                self.send_block(last, "the message's text")
+            last = stuffer.stuff(chunk)
+        self.show(">>>", f"[the message's text: {size} bytes]".encode())
+        self.must_be_quiet("the final dot")
+        self.send_block(last + stuffer.end(), "the final dot")   # one send: no wait for an ACK
+        self.show(">>>", b".")
+        reply = self.reply("the final dot")
+        return goes_on("the final dot", reply.code), reply
+
+    def reset(self):
+        """RSET after the far side's no, which stands even if RSET fails: then
+        the next command fails at once, as the first failure said."""
+        try:
+            self.ask("RSET", "RSET")
+        except DialogueFailed as exc:
+            self.broken = exc
+
+    def quit(self):
+        """QUIT, and its answer if it comes soon; what goes wrong no longer matters."""
+        try:
+            self.ask("QUIT", "QUIT")
+        except DialogueFailed:
+            pass
+
+    # -- commands and replies ----------------------------------------------
+
+    def ask(self, step, line):
+        """Send a command line and read its reply: (it goes on, the Reply)."""
+        if self.broken is not None:
+            raise DialogueFailed(str(self.broken))
+        self.must_be_quiet(step)
+        try:
+            data = line.encode("utf-8" if self.utf8 else "ascii") + b"\r\n"
+        except UnicodeEncodeError:
+            raise DialogueFailed(f"{step} would need SMTPUTF8 (not asked for)") from None
+        self.show(">>>", data)
+        self.send_block(data, step)
+        reply = self.reply(step)
+        return goes_on(step, reply.code), reply
+
+    def must_be_quiet(self, step):
+        """Nothing may wait unread when a command goes out: a reply that came
+        before its command means the dialogue is out of step."""
+        if self.buffer or peek(self.sock):
+            raise DialogueFailed(f"spoke before {step} was sent (a protocol error)")
+
+    def send_block(self, data, what):
+        self.sock.settimeout(self.block_deadline)
+        try:
+            self.sock.sendall(data)
+        except socket.timeout:
+            raise DialogueFailed(f"could not send {what} within {self.block_deadline:g} s") from None
+        except OSError as exc:
+            raise DialogueFailed(f"{describe_error(exc)} while sending {what}",
+                                 gone=isinstance(exc, ConnectionError)) from None
+
+    def reply(self, step):
+        """The far side's next reply, whole, within the step's deadline and
+        bounds; nothing may follow it (no command is in flight)."""
+        self.step = step
+        deadline = time.monotonic() + self.deadlines[step]
+        code, lines = None, []
+        while True:
+            line = self.next_line(deadline)
+            self.show("<<<", line)
+            parsed = REPLY_LINE.fullmatch(line)
+            if parsed is None or code not in (None, int(parsed[1])):
+                raise DialogueFailed(f"its reply to {step} is not SMTP (a protocol error)")
+            code = int(parsed[1])
+            lines.append((parsed[3] or b"").decode("utf-8", "replace"))
+            if parsed[2] != b"-":
+                break
+            if len(lines) >= REPLY_LINES_MAX:
+                raise DialogueFailed(f"its reply to {step} goes on past {REPLY_LINES_MAX} lines")
+        if self.buffer:
+            raise DialogueFailed(f"sent more than one reply to {step} (a protocol error)")
+        return Reply(code, lines)
+
+    def next_line(self, deadline):
+        """One line of a reply, without its line end; at most REPLY_MAX bytes
+        (CRLF included) are kept."""
+        while True:
+            end = self.buffer.find(b"\n")
+            if end >= REPLY_MAX or (end < 0 and len(self.buffer) >= REPLY_MAX):
+                raise DialogueFailed(f"a line of its reply to {self.step} is longer than "
+                                     f"{REPLY_MAX} bytes")
+            if end >= 0:
+                line = bytes(self.buffer[:end])
+                del self.buffer[:end + 1]
+                return line[:-1] if line.endswith(b"\r") else line
+            self.fill(deadline)
+
+    def fill(self, deadline):
+        left = deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise socket.timeout("timed out")
+            self.sock.settimeout(left)
+            chunk = self.sock.recv(4096)
+        except socket.timeout:
+            raise DialogueFailed(f"no whole reply to {self.step} within "
+                                 f"{self.deadlines[self.step]:g} s") from None
+        except OSError as exc:
+            raise DialogueFailed(f"{describe_error(exc)} waiting for the reply to {self.step}",
+                                 gone=isinstance(exc, ConnectionError)) from None
+        if not chunk:
+            raise DialogueFailed(f"closed the connection before its reply to {self.step}",
+                                 gone=True)
+        self.received += len(chunk)
+        self.buffer += chunk
+
+
+# ---------------------------------------------------------------------------
 # The queue: the spool, the receiver, the runner
 # ---------------------------------------------------------------------------
 
@@ -2134,8 +2408,6 @@ ADDRESS_MAX = 256
 FAILED_KEPT = 30 * 86400.0
 #: Queued mail is tried again at most this far apart.
 RETRY_MAX = 3600.0
-#: How long the runner waits for each of the hoster's answers.
-SMTP_TIMEOUT = 60.0
 #: A message this large goes to a file as it arrives (smaller ones are
 #: written whole, in the thread pool, when they are committed).
 DRAFT_IN_MEMORY = 1024 * 1024
@@ -2808,20 +3080,21 @@ class Reception:
         if parsed is None:
             return self.send("501 5.5.4 syntax: MAIL FROM:<address> [parameters]")
         sender, params = parsed
+        body, smtputf8 = None, False
         for name, value in params:
             if name == "SIZE" and value and value.isdigit():
                 if int(value) > self.receiver.settings.max_size:
                     return self.send("552 5.3.4 message too big for the queue")
             elif name == "BODY" and value and value.upper() in ("7BIT", "8BITMIME"):
-                self.body = value.upper()
+                body = value.upper()
             elif name == "SMTPUTF8" and value is None:
-                self.smtputf8 = True
+                smtputf8 = True
             else:
                 return self.send(f"555 5.5.4 parameter {printable(name, 20)} not supported")
-        if not (sender == "" or valid_address(sender)):
-            return self.send("553 5.1.7 bad sender address")
-        self.sender = sender
-        self.smtputf8 = self.smtputf8 or not sender.isascii()
+        refusal = sender and address_refusal(sender, smtputf8, "5.1.7", "sender")
+        if refusal:
+            return self.send(refusal)
+        self.sender, self.body, self.smtputf8 = sender, body, smtputf8
         self.send("250 2.1.0 ok")
 
     def rcpt(self, argument):
@@ -2833,12 +3106,12 @@ class Reception:
         recipient, params = parsed
         if params:
             return self.send("555 5.5.4 RCPT parameters not supported")
-        if not valid_address(recipient):
-            return self.send("553 5.1.3 bad recipient address")
+        refusal = address_refusal(recipient, self.smtputf8, "5.1.3", "recipient")
+        if refusal:
+            return self.send(refusal)
         if len(self.recipients) >= MAX_RECIPIENTS:
             return self.send("452 4.5.3 too many recipients")
         self.recipients.append(recipient)
-        self.smtputf8 = self.smtputf8 or not recipient.isascii()
         self.send("250 2.1.5 ok")
 
     def data(self, argument):
@@ -2919,6 +3192,21 @@ class Reception:
     def quit(self, argument):
         self.send("221 2.0.0 bye")
         return "QUIT"
+
+
+def address_refusal(address, smtputf8, status, role):
+    """The 553 for an address the queue could not pass on byte for byte as
+    it was given, or None: the runner sends it verbatim later."""
+    if "\ufffd" in address:
+        return f"553 {status} the {role} address is not valid UTF-8"
+    if not address.isascii() and not smtputf8:
+        return (f"553 5.6.7 a non-ASCII {role} address needs SMTPUTF8 "
+                f"(MAIL FROM:<...> SMTPUTF8)")
+    if len(address.encode()) > ADDRESS_MAX:
+        return f"553 {status} the {role} address is too long (at most {ADDRESS_MAX} bytes)"
+    if not address.isprintable() or "<" in address or ">" in address:
+        return f"553 {status} the {role} address holds a control character, < or >"
+    return None
 
 
 def parse_path(keyword, argument):
@@ -3265,7 +3553,6 @@ class QueueRunner:
 
     def deliver(self, envelopes):
         """One connection through the tunnel for all these messages."""
-        import smtplib
         self.delivering = True
         self.supervisor.arrived()
         try:
@@ -3283,7 +3570,9 @@ class QueueRunner:
                     self.deliver_one(smtp, left[0])
                     left.pop(0)
                 smtp.quit()
-            except (smtplib.SMTPException, OSError) as exc:
+            except (DialogueFailed, OSError) as exc:
+                if isinstance(exc, DialogueFailed):      # its text names steps and codes only
+                    log.warning("queue: the dialogue with the hoster ended: %s", exc)
                 for envelope in left:
                     self.defer(envelope, f"the connection to the hoster failed: {smtp_error(exc)}")
             finally:
@@ -3396,94 +3685,59 @@ def retry_delay(attempts, first):
 
 
 def smtp_error(exc):
-    """A short, safe description of what went wrong talking to the hoster."""
-    import smtplib
-    if isinstance(exc, smtplib.SMTPResponseException):
-        return f"{exc.smtp_code} {printable(exc.smtp_error, 200)}"
+    """A short, safe description of what went wrong talking to the hoster
+    (for the queue's listing: the hoster's own refusal is quoted, escaped)."""
+    if isinstance(exc, DialogueFailed):
+        return f"{exc} ({exc.reply})" if exc.reply else str(exc)
     if isinstance(exc, OSError):
         return describe_error(exc)
     return printable(str(exc), 200) or type(exc).__name__
 
 
+#: The result of an address the hoster cannot be given as it was accepted.
+NOT_PASSABLE = (553, "553 5.6.7 a non-ASCII address, and the message was not sent with SMTPUTF8: "
+                     "it cannot be passed on as it was accepted")
+
+
 class Hoster:
     """The runner's side of an SMTP dialogue with the hoster, over a connection
-    through the tunnel: smtplib on a gevent socket, no monkey-patching."""
+    through the tunnel: minimail's own SmtpClient on a gevent socket."""
 
     def __init__(self, upstream, hostname):
-        import smtplib
-        upstream.settimeout(SMTP_TIMEOUT)
-        self.smtp = smtplib.SMTP(local_hostname=hostname, timeout=SMTP_TIMEOUT)
-        self.smtp.sock = upstream
+        self.client = SmtpClient(upstream)
+        self.hostname = hostname
 
     def greet(self):
-        import smtplib
-        code, text = self.smtp.getreply()
-        if code != 220:
-            raise smtplib.SMTPConnectError(code, text)
-        code, text = self.smtp.ehlo()
-        if code != 250:
-            code, text = self.smtp.helo()
-            if code != 250:
-                raise smtplib.SMTPHeloError(code, text)
+        self.client.greet(self.hostname)
 
     def transaction(self, envelope, message):
-        """MAIL, RCPT for each recipient, DATA: {recipient: (code, reply)}."""
-        smtp = self.smtp
-        options = []
-        if envelope.smtputf8:
-            if not smtp.has_extn("smtputf8"):
-                refusal = (553, "553 5.6.7 the hoster takes no non-ASCII addresses (no SMTPUTF8)")
-                return {r: refusal for r in envelope.recipients}
-            options.append("SMTPUTF8")
-        if smtp.has_extn("8bitmime") and (envelope.body == "8BITMIME" or
-                                          (envelope.body is None and eight_bit(message))):
-            options.append("BODY=8BITMIME")
-        if smtp.has_extn("size"):
-            options.append(f"SIZE={envelope.size}")
-        code, text = smtp.mail(envelope.sender, options)
-        if code != 250:
-            smtp.rset()
-            return {r: (code, reply_text(code, text)) for r in envelope.recipients}
-        results, accepted = {}, []
-        for recipient in envelope.recipients:
-            code, text = smtp.rcpt(recipient)
-            results[recipient] = (code, reply_text(code, text))
-            if 200 <= code < 300:
-                accepted.append(recipient)
-        if not accepted:
-            smtp.rset()
+        """MAIL, RCPT for each recipient, DATA: {recipient: (code, reply)}.  An
+        address is sent as it was accepted, or not at all: a non-ASCII one
+        without SMTPUTF8 (only an envelope from outside has one) is refused on
+        its own."""
+        extensions = self.client.extensions
+        if envelope.smtputf8 and "SMTPUTF8" not in extensions:
+            refusal = (553, "553 5.6.7 the hoster takes no non-ASCII addresses (no SMTPUTF8)")
+            return {r: refusal for r in envelope.recipients}
+        if not (envelope.smtputf8 or envelope.sender.isascii()):
+            return {r: NOT_PASSABLE for r in envelope.recipients}
+        results = {r: NOT_PASSABLE for r in envelope.recipients
+                   if not (envelope.smtputf8 or r.isascii())}
+        recipients = [r for r in envelope.recipients if r not in results]
+        if not recipients:
             return results
-        code, text = self.send_data(message)
-        for recipient in accepted:
-            results[recipient] = (code, reply_text(code, text))
-        if code != 250:
-            smtp.rset()
+        parameters = ["SMTPUTF8"] if envelope.smtputf8 else []
+        if "8BITMIME" in extensions and (envelope.body == "8BITMIME" or
+                                         (envelope.body is None and eight_bit(message))):
+            parameters.append("BODY=8BITMIME")
+        if "SIZE" in extensions:
+            parameters.append(f"SIZE={envelope.size}")
+        done = self.client.transaction(envelope.sender, recipients, parameters, message)
+        results.update((r, (reply.code, str(reply))) for r, reply in done.results.items())
         return results
 
-    def send_data(self, message):
-        """DATA with the stored text streamed from disk: its lines end in CRLF,
-        so doubling a dot after each LF is all the stuffing it needs."""
-        code, text = self.smtp.docmd("DATA")
-        if code != 354:
-            return code, text
-        at_line_start = True
-        while True:
-            chunk = message.read(CHUNK_SIZE)
-            if not chunk:
-                break
-            stuffed = chunk.replace(b"\n.", b"\n..")
-            if at_line_start and chunk.startswith(b"."):
-                stuffed = b"." + stuffed
-            at_line_start = chunk.endswith(b"\n")
-            self.smtp.sock.sendall(stuffed)
-        self.smtp.sock.sendall(b".\r\n" if at_line_start else b"\r\n.\r\n")
-        return self.smtp.getreply()
-
     def quit(self):
-        try:
-            self.smtp.quit()
-        except OSError:
-            pass
+        self.client.quit()
 
 
 def eight_bit(message):
@@ -3499,10 +3753,6 @@ def eight_bit(message):
                 return True
     finally:
         message.seek(start)
-
-
-def reply_text(code, text):
-    return f"{code} {printable(text, 300)}"
 
 
 def read_header(message):
@@ -3647,7 +3897,7 @@ def preload():
 #: never does); all of them are loaded before the privilege drop.
 PRELOADED = ("ctypes", "email.utils", "gevent", "gevent.event", "gevent.fileobject", "gevent.hub",
              "gevent.pool", "gevent.server", "gevent.socket", "gevent.subprocess", "json", "mmap",
-             "random", "shutil", "smtplib", "tempfile")
+             "random", "shutil", "tempfile")
 
 
 def raise_open_files_limit(max_clients):
@@ -5145,7 +5395,31 @@ def parse_sendmail_flags(argv):
             else:
                 raise SendmailExit(EX_USAGE, f"unknown flag -{flag} (see `minimail --help`, "
                                              f"The sendmail command)")
-    return SendmailFlags(**flags), recipients
+    return SendmailFlags(**flags), [a for word in recipients for a in split_addresses(word)]
+
+
+def split_addresses(word):
+    """The addresses in one recipient word, split at commas as sendmail(8)
+    does, but not inside quotes, comments or angle brackets ('"a,b"@x' is one)."""
+    addresses, current, depth, quoted, escaped = [], [], 0, False, False
+    for c in word:
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c == '"':
+            quoted = not quoted
+        elif not quoted and c in "(<":
+            depth += 1
+        elif not quoted and c in ")>":
+            depth = max(0, depth - 1)
+        elif c == "," and not quoted and depth == 0:
+            addresses.append("".join(current))
+            current = []
+            continue
+        current.append(c)
+    addresses.append("".join(current))
+    return [a.strip() for a in addresses if a.strip()]
 
 
 def apply_sendmail_flag(flags, flag, value):
@@ -5703,127 +5977,93 @@ def completed_header(header, sender, full_name, hostname):
     return header + [line.encode("utf-8") for line in added]
 
 
-class Submission:
-    """The sendmail command's SMTP client, talking to the local minimail.  Not
-    smtplib: importing that takes longer than the interpreter needs to start,
-    and cron runs this for every job's output."""
+def connect_to_minimail(listen, verbose):
+    """(where, an SmtpClient on a blocking socket to the local minimail); -v
+    shows the dialogue on stderr, escaped.  Not smtplib: importing that takes
+    longer than the interpreter needs to start, and cron runs this for every
+    job's output."""
+    family, ip, port = listen
+    where = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
+    try:
+        sock = socket.create_connection((ip, port), timeout=SUBMIT_TIMEOUT)
+    except OSError as exc:
+        text = (f"cannot reach minimail at {where}: {describe_error(exc)} (is it running? "
+                f"minimail status)")
+        if isinstance(exc, ConnectionRefusedError):          # nothing listens
+            raise Unreachable("is not running", f"{where}: {describe_error(exc)}", text) from None
+        raise SendmailExit(EX_TEMPFAIL, text) from None
 
-    def __init__(self, listen, verbose):
-        family, ip, port = listen
-        self.where = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
-        self.verbose = verbose
-        try:
-            self.sock = socket.create_connection((ip, port), timeout=SUBMIT_TIMEOUT)
-        except OSError as exc:
-            text = (f"cannot reach minimail at {self.where}: {describe_error(exc)} (is it "
-                    f"running? minimail status)")
-            if isinstance(exc, ConnectionRefusedError):      # nothing listens
-                raise Unreachable("is not running", f"{self.where}: {describe_error(exc)}",
-                                  text) from None
-            raise SendmailExit(EX_TEMPFAIL, text) from None
-        self.replies = self.sock.makefile("rb")
-
-    def failed(self, exc):
-        """The exception for a connection that failed mid-way: gone, or timed out."""
-        if isinstance(exc, ConnectionError):                  # a reset, a broken pipe
-            return Unreachable("went away", f"{self.where}: {describe_error(exc)}",
-                               f"minimail at {self.where}: {describe_error(exc)}")
-        return SendmailExit(EX_TEMPFAIL, f"minimail at {self.where}: {describe_error(exc)}")
-
-    def reply(self):
-        """(code, the reply's lines joined) of the next reply."""
-        lines = []
-        try:
-            while True:
-                line = self.replies.readline(REPLY_MAX * 2)
-                if not line:
-                    raise Unreachable("went away", f"{self.where}: it closed the connection",
-                                      f"minimail at {self.where} closed the connection")
-                self.show("<<<", line)
-                lines.append(printable(line[4:], REPLY_MAX))
-                if line[3:4] != b"-":
-                    break
-        except OSError as exc:
-            raise self.failed(exc) from None
-        code = int(line[:3]) if line[:3].isdigit() else 0
-        return code, " ".join(lines)
-
-    def send(self, data):
-        self.show(">>>", data[:200] + (b"..." if len(data) > 200 else b""))
-        try:
-            self.sock.sendall(data)
-        except OSError as exc:
-            raise self.failed(exc) from None
-
-    def command(self, line):
-        self.send(line.encode("utf-8") + b"\r\n")
-        return self.reply()
-
-    def expect(self, reply, wanted):
-        """Go on if the reply is wanted; else end with the sysexits status it means."""
-        code, text = reply
-        if code != wanted:
-            status = EX_UNAVAILABLE if code >= 500 else EX_TEMPFAIL
-            raise SendmailExit(status, f"minimail at {self.where} answered {code} {text}")
-        return text
-
-    def show(self, direction, data):
-        if self.verbose:
-            print(direction, printable(data, 300), file=sys.stderr)
-
-    def close(self):
-        self.replies.close()
-        self.sock.close()
+    def show(direction, data):
+        print(direction, printable(data, 300), file=sys.stderr)
+    return where, SmtpClient(sock, show if verbose else None)
 
 
 def submit(listen, sender, recipients, message, options, verbose, hostname):
-    """Hand the message to the local minimail: the exit status, by sysexits.h."""
-    smtp = Submission(listen, verbose)
+    """Hand the message (something with .read(), at its start) to the local
+    minimail, in as many transactions as it wants: the exit status, by sysexits.h."""
+    where, client = connect_to_minimail(listen, verbose)
     try:
-        smtp.expect(smtp.reply(), 220)
-        offered = smtp.expect(smtp.command(f"EHLO {hostname}"), 250).upper().split()
-        if "SMTPUTF8" in options and "SMTPUTF8" not in offered:
-            raise SendmailExit(EX_UNAVAILABLE, "the hoster takes no non-ASCII addresses "
-                                               "(no SMTPUTF8)")
-        wanted = [o for o in options if o != "BODY=8BITMIME" or "8BITMIME" in offered]
-        smtp.expect(smtp.command(f"MAIL FROM:<{sender}>{''.join(' ' + o for o in wanted)}"), 250)
-        refused = {}
-        for recipient in recipients:
-            code, text = smtp.command(f"RCPT TO:<{recipient}>")
-            if not 200 <= code < 300:
-                refused[recipient] = (code, text)
-        if len(refused) == len(recipients):
-            code, text = next(iter(refused.values()))
-            status = EX_NOUSER if all(c >= 500 for c, _ in refused.values()) else EX_TEMPFAIL
-            raise SendmailExit(status, f"every recipient was refused: {code} {text}")
-        smtp.expect(smtp.command("DATA"), 354)
-        send_stuffed(smtp, message)
-        smtp.expect(smtp.reply(), 250)
         try:
-            smtp.command("QUIT")
-        except SendmailExit:
-            pass                          # the mail is taken: nothing else matters
+            client.greet(hostname)
+            if "SMTPUTF8" in options and "SMTPUTF8" not in client.extensions:
+                raise SendmailExit(EX_UNAVAILABLE, "the hoster takes no non-ASCII addresses "
+                                                   "(no SMTPUTF8)")
+            wanted = [o for o in options if o != "BODY=8BITMIME" or "8BITMIME" in client.extensions]
+            results = submit_in_transactions(client, sender, recipients, wanted, message, where)
+        except DialogueFailed as exc:
+            if exc.gone:
+                raise went_away(where, exc, None) from None
+            if exc.reply is not None:
+                raise SendmailExit(EX_UNAVAILABLE if exc.reply.code >= 500 else EX_TEMPFAIL,
+                                   f"minimail at {where} answered {exc.reply}") from None
+            raise SendmailExit(EX_TEMPFAIL, f"minimail at {where}: {exc}") from None
+        client.quit()                     # the mail is taken: nothing else matters
     finally:
-        smtp.close()
-    for recipient, (code, text) in refused.items():
-        print(f"minimail: <{printable(recipient, 100)}> was refused: {code} {text}",
-              file=sys.stderr)
-    return EX_OK
+        client.sock.close()
+    return submission_status(recipients, results)
 
 
-def send_stuffed(smtp, message):
-    """The message's text, dot-stuffed, then the final dot: streamed from its
-    file (whose lines end in CRLF, so a dot after each LF is all to double)."""
-    message.seek(0)
-    line_start = True
-    while True:
-        chunk = message.read(CHUNK_SIZE)
-        if not chunk:
-            break
-        stuffed = chunk.replace(b"\n.", b"\n..")
-        smtp.send(b"." + stuffed if line_start and chunk.startswith(b".") else stuffed)
-        line_start = chunk.endswith(b"\n")
-    smtp.send(b".\r\n" if line_start else b"\r\n.\r\n")
+def submit_in_transactions(client, sender, recipients, parameters, message, where):
+    """{recipient: Reply}: a transaction, and another for the recipients it
+    would not take (the local minimail takes 100 at a time)."""
+    start = message.tell()
+    results, todo = {}, list(recipients)
+    while todo:
+        message.seek(start)
+        try:
+            done = client.transaction(sender, todo, parameters, message)
+        except DialogueFailed as exc:
+            if exc.gone:                  # what is not taken yet goes to the maildrop
+                raise went_away(where, exc, todo) from None
+            raise
+        if done.refused is not None:
+            raise SendmailExit(EX_UNAVAILABLE if done.refused.code >= 500 else EX_TEMPFAIL,
+                               f"minimail at {where} answered {done.refused}")
+        results.update(done.results)
+        todo = done.rest
+    return results
+
+
+def submission_status(recipients, results):
+    """EX_OK if every recipient was accepted; else one line quoting a reply:
+    75 if any got a 4xx (try again later), 67 if all that failed got a 5xx."""
+    failed = [(r, results[r]) for r in recipients if not 200 <= results[r].code < 300]
+    if not failed:
+        return EX_OK
+    later = [(r, reply) for r, reply in failed if reply.code < 500]
+    recipient, reply = (later or failed)[0]
+    status = EX_TEMPFAIL if later else EX_NOUSER
+    if len(failed) == len(recipients):
+        raise SendmailExit(status, f"every recipient was refused: {reply}")
+    raise SendmailExit(status, f"{len(failed)} of {len(recipients)} recipients were not "
+                               f"accepted, <{printable(recipient, 100)}> with: {reply}")
+
+
+def went_away(where, exc, pending):
+    """minimail went away before its final reply: the mail, or the recipients
+    still pending, may go to the maildrop."""
+    return Unreachable("went away", f"{where}: {exc}", f"minimail at {where}: {exc}",
+                       pending=pending)
 
 
 def keep_in_maildrop(unreachable, settings_file, sender, recipients, message, options):
