@@ -1489,14 +1489,6 @@ def shutdown_write(sock):
         pass
 
 
-def hung_up(sock):
-    """True if the peer closed its end entirely, not just half-closed it (POLLHUP:
-    a Unix socket shows it; ssh closes a channel that DESTINATION refused)."""
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
-    return any(event & select.POLLHUP for _, event in poller.poll(0))
-
-
 def peek(sock):
     """The first byte waiting on sock without taking it; b"" at its end (or
     after a reset); None while nothing waits."""
@@ -1829,7 +1821,9 @@ class Forwarder:
                 return Greeting.IDLE
 
     def first_word(self, session):
-        """The far side's end is readable: bytes, a half-close, or a tunnel gone."""
+        """The far side's end is readable: bytes, or an end before any byte: a
+        tunnel gone, the far side's answer to the client's half-close, or else
+        (a Unix socket or TCP alike) a far side that closed without a word."""
         try:
             first = session.upstream.recv(1, socket.MSG_PEEK)    # readable: no wait
         except OSError:
@@ -1838,10 +1832,10 @@ class Forwarder:
             return Greeting.HEARD
         if session.child.gone():
             return Greeting.GONE
-        if hung_up(session.upstream) and not session.client_ended:
+        if not session.client_ended:     # over TCP too, where a close sets no POLLHUP
             raise TunnelUnavailable("the far side closed the connection without a word "
                                     "(is --remote right?)")
-        return Greeting.HEARD                       # a half-close: pass it on
+        return Greeting.HEARD                       # after the client's half-close: pass it on
 
     def take_early_bytes(self, session):
         """Pass on what the client sent before the far side spoke, keeping a copy."""
