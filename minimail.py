@@ -262,6 +262,8 @@ BACKOFF_MAX = 60.0
 SLEEP_NOTICED = 3.0
 #: While a tunnel runs, the supervisor looks at the clocks at least this often.
 SLEEP_LOOK_EVERY = 5.0
+#: The longest an arriving client waits for the supervisor's step (it takes ms).
+ARRIVAL_WAIT = 1.0
 #: After a 421, how long minimail reads (and drops) what the client still sends,
 #: so that closing does not reset the connection before the reply arrives.
 REPLY_LINGER = 1.0
@@ -867,6 +869,7 @@ class Child:
         self.said = collections.deque(maxlen=STDERR_TAIL)   # its stderr, sanitized
         self.died = Event()             # set when it is gone: its sessions are too
         self.timers = []                # a stop's later steps
+        self.far = Flow()               # bytes the far side sent through it, to anyone
 
     @property
     def announces_up(self):
@@ -1023,6 +1026,7 @@ class Supervisor:
         self.wake = Event()
         self.alarm, self.alarm_at = get_hub().loop.timer(0), None   # see set_alarm
         self.changed = Event()
+        self.stepped = Event()            # set (and replaced) after each of its steps
         self.all_gone = Event()           # set when closing and no child is left
 
     # -- what others see and post -------------------------------------------
@@ -1046,6 +1050,21 @@ class Supervisor:
         child = self.child
         if child is None or child.phase is not Phase.UP or self.sleep_watch.slept_since():
             self.wake.set()
+
+    def visit(self):
+        """The one way for a client (a session, the queue runner, `check`) to use
+        the tunnel: `with supervisor.visit() as tunnel: tunnel.connect(...)`."""
+        return Visit(self)
+
+    def arrive(self):
+        """arrived(), and when the supervisor has something to judge first (no
+        tunnel up, or the machine slept), let it step before the client goes on:
+        the first client after a suspend connects on its verdict on the old
+        tunnel, not on the state from before."""
+        stepped = self.stepped
+        self.arrived()
+        if self.wake.is_set():
+            stepped.wait(timeout=ARRIVAL_WAIT)
 
     def left(self):
         """A client is done with the tunnel; the last one starts the countdown.
@@ -1135,6 +1154,8 @@ class Supervisor:
                 while self.inbox:
                     self.take(self.inbox.popleft(), now)
                 self.set_alarm(self.step(now), now)
+                stepped, self.stepped = self.stepped, type(self.stepped)()
+                stepped.set()
                 self.wake.wait()
         finally:
             self.alarm.close()
@@ -1309,6 +1330,24 @@ class Supervisor:
         self.on_change()
 
 
+class Visit:
+    """One client's use of the tunnel, from its arrival to its leaving (see
+    Supervisor.visit): connect() as often as it needs in between."""
+
+    def __init__(self, supervisor):
+        self.supervisor = supervisor
+
+    def __enter__(self):
+        self.supervisor.arrive()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.supervisor.left()
+
+    def connect(self, wait, exclude=None, abandoned=None):
+        return self.supervisor.connect(wait, exclude, abandoned)
+
+
 def wall_clock(moment, now):
     """A monotonic moment as seconds since the epoch (None stays None)."""
     return None if moment is None else time.time() - (now - moment)
@@ -1389,7 +1428,7 @@ class Flow:
         self.count = 0
 
 
-def splice_through_pipe(src, dst, flow, pool, ready=False):
+def splice_through_pipe(src, dst, flow, pool, ready=False, far=None):
     """Move src to dst until src ends, through a pipe with splice(2): the bytes
     never enter Python.  Returns AT_END, or the socket error that ended the
     copy.  The caller passes end-of-stream on.
@@ -1397,7 +1436,8 @@ def splice_through_pipe(src, dst, flow, pool, ready=False):
     After a chunk that filled the pipe it reads again before it waits, so a bulk
     transfer seldom goes round the event loop (but after YIELD_EVERY chunks in a
     row it waits all the same, to give other clients their turn); with ready,
-    it reads before it first waits too (bytes are known to wait)."""
+    it reads before it first waits too (bytes are known to wait).  Bytes from
+    the far side count on its child's `far` too."""
     from gevent import get_hub
     hub = get_hub()
     readable = hub.loop.io(src.fileno(), READ)
@@ -1426,6 +1466,8 @@ def splice_through_pipe(src, dst, flow, pool, ready=False):
                     return AT_END
                 if count != NOTHING_WAITING:
                     flow.count += count
+                    if far is not None:
+                        far.count += count
                     in_a_row += 1
                 if count != CHUNK_SIZE or in_a_row >= YIELD_EVERY:
                     in_a_row = 0
@@ -1451,7 +1493,7 @@ def move_through(pipe, src_fd, writable, hub):
     return count
 
 
-def splice_through_buffer(src, dst, flow, pool, ready=False):
+def splice_through_buffer(src, dst, flow, pool, ready=False, far=None):
     """splice_through_pipe's twin for systems without splice(2): recv_into a
     pooled buffer, then sendall."""
     from gevent import get_hub
@@ -1472,6 +1514,8 @@ def splice_through_buffer(src, dst, flow, pool, ready=False):
             if not count:
                 return AT_END
             flow.count += count
+            if far is not None:
+                far.count += count
     except OSError as exc:
         return exc
     finally:
@@ -1574,9 +1618,6 @@ MOVES_MAX = 2
 FD_WARN_EVERY = 10.0
 #: When this many clients were here at once and all have gone, memory goes back.
 CROWD = 200
-#: Clients arriving within this many seconds share one count of the far side's
-#: bytes as the start of their stale-tunnel check.
-FAR_BYTES_FRESH = 0.1
 
 
 class Session:
@@ -1663,8 +1704,6 @@ class Forwarder:
         self.served = 0                     # clients served since the start
         self.bytes_from_clients = 0         # of sessions that have ended
         self.bytes_to_clients = 0
-        self.heard = collections.Counter()  # far-side bytes of ended sessions, per child
-        self.far_bytes_seen = {}            # child -> (when, far_bytes) for a crowd
         self.pool = PipePool() if splice is splice_through_pipe else BufferPool()
         self.buffers = BufferPool()         # when no descriptor is left for a pipe
         self.started_at = time.time()       # wall clock, for status
@@ -1718,8 +1757,6 @@ class Forwarder:
             session.log()
             self.bytes_from_clients += session.sent.count
             self.bytes_to_clients += session.received.count
-            if session.child is not None:
-                self.heard[session.child] += session.received.count
             self.on_change()
 
     def forward(self, session):
@@ -1734,39 +1771,39 @@ class Forwarder:
         self.on_change()
         if session.client.family != socket.AF_UNIX:
             session.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        warm = self.supervisor.phase is Phase.UP        # as the client found it
-        self.supervisor.arrived()
-        try:
-            self.pass_through(session, warm)
-            return
-        except TunnelUnavailable as exc:
-            why = str(exc)
-        except OutOfDescriptors:
-            session.end("421: out of file descriptors")
-            session.received.count += reply(session.client, "421 4.3.2 minimail: too busy (out "
-                                                            "of file descriptors), try again later")
-            return
-        except ClientGone:
-            session.end("client left before the tunnel was up")
-            return
-        finally:
-            session.close_upstream()
-            self.supervisor.left()          # a queue session is no tunnel client
+        with self.supervisor.visit() as tunnel:   # left before the queue serves it
+            warm = self.supervisor.phase is Phase.UP    # as the client found it
+            try:
+                self.pass_through(session, tunnel, warm)
+                return
+            except TunnelUnavailable as exc:
+                why = str(exc)
+            except OutOfDescriptors:
+                session.end("421: out of file descriptors")
+                session.received.count += reply(session.client, "421 4.3.2 minimail: too busy "
+                                                "(out of file descriptors), try again later")
+                return
+            except ClientGone:
+                session.end("client left before the tunnel was up")
+                return
+            finally:
+                session.close_upstream()
+        session.child = None                # what the client gets now is no far side's
         if self.receiver is not None and session.movable and not self.closing:
             self.receiver.serve(session, why)
         else:
             session.end(f"421: {why}")
             session.received.count += reply(session.client, f"421 4.4.0 minimail: {why}")
 
-    def connect(self, session, exclude=None):
-        return self.supervisor.connect(self.settings.wait, exclude,
-                                       abandoned=lambda: peek(session.client) == b"")
+    def connect(self, session, tunnel, exclude=None):
+        return tunnel.connect(self.settings.wait, exclude,
+                              abandoned=lambda: peek(session.client) == b"")
 
-    def pass_through(self, session, warm):
+    def pass_through(self, session, tunnel, warm):
         """Connect through the tunnel, wait for the far side's first word (moving
         the client to a fresh tunnel if the first one is stale or ends before
         that), then splice the two together."""
-        session.attach(*self.connect(session))
+        session.attach(*self.connect(session, tunnel))
         for moves in range(MOVES_MAX + 1):
             result = self.await_greeting(session, warm and moves == 0)
             if result in (Greeting.HEARD, Greeting.TOO_MUCH):
@@ -1780,7 +1817,7 @@ class Forwarder:
             stale = session.child
             if result is Greeting.STALE:
                 self.supervisor.report_stale(stale)
-            session.attach(*self.connect(session, exclude=stale))
+            session.attach(*self.connect(session, tunnel, exclude=stale))
             log.info("client %s: moved from tunnel %d (%s) to %d, %d bytes replayed",
                      session.peer, stale.pid, result.value, session.child.pid, len(session.kept))
         self.splice_pair(session)
@@ -1788,15 +1825,16 @@ class Forwarder:
     def await_greeting(self, session, warm):
         """Wait for the far side's first byte, passing on (and keeping a copy of)
         what the client sends meanwhile.  Through a warm tunnel the far side
-        must speak within --greeting-wait, unless the tunnel carried bytes for
-        someone else meanwhile (a slow server is not a dead tunnel)."""
+        must speak within --greeting-wait, unless the far side sent bytes through
+        that child meanwhile, to anyone (a slow server is not a dead tunnel):
+        counted on the child as they are copied, never cached."""
         client, upstream, child = session.client, session.upstream, session.child
         if peek(upstream):                          # it has spoken already (a crowd)
             return Greeting.HEARD
         settings, now = self.settings, time.monotonic()
         stale_at = now + settings.greeting_wait if warm and settings.greeting_wait else None
         idle_at = now + settings.idle_timeout if settings.idle_timeout else None
-        heard = self.far_bytes(child, cached=True) if stale_at else 0
+        heard = child.far.count
         watched = [upstream] if session.client_ended else [upstream, client]
         while True:
             wake_at = earliest(stale_at, idle_at)
@@ -1814,7 +1852,7 @@ class Forwarder:
                 continue
             now = time.monotonic()
             if stale_at is not None and now >= stale_at:
-                if self.far_bytes(child) == heard:
+                if child.far.count == heard:
                     return Greeting.STALE
                 stale_at = None                     # slow, but alive: wait on
             if idle_at is not None and now >= idle_at:
@@ -1856,18 +1894,6 @@ class Forwarder:
             pass                  # the tunnel is going: the wait for the far side tells
         return None if session.movable else Greeting.TOO_MUCH
 
-    def far_bytes(self, child, cached=False):
-        """Bytes the far side has sent through this child, for everyone.  A crowd
-        arriving at once shares one count (cached for FAR_BYTES_FRESH seconds):
-        counting for each of them would cost the square of their number."""
-        now = time.monotonic()
-        counted_at, count = self.far_bytes_seen.get(child, (None, 0))
-        if not cached or counted_at is None or now - counted_at > FAR_BYTES_FRESH:
-            count = self.heard[child] + sum(s.received.count for s in self.sessions
-                                            if s.child is child)
-            self.far_bytes_seen[child] = (now, count)
-        return count
-
     def splice_pair(self, session):
         """Copy both ways until both directions end, one fails, the tunnel dies
         under them, or the session idles too long.  This greenlet copies from the
@@ -1879,7 +1905,8 @@ class Forwarder:
         died, ended = session.child.died, self.tunnel_ended(session)
         died.rawlink(ended)
         try:
-            result = self.copy(session.upstream, session.client, session.received, ready=True)
+            result = self.copy(session.upstream, session.client, session.received, ready=True,
+                               far=session.child.far)
             if result is AT_END:
                 shutdown_write(session.client)
             else:
@@ -1892,12 +1919,12 @@ class Forwarder:
             if up is not None:
                 up.kill()
 
-    def copy(self, src, dst, flow, ready=False):
+    def copy(self, src, dst, flow, ready=False, far=None):
         """splice(2) through a pooled pipe; through a buffer once no descriptor
         is left for a pipe (nothing has been read then: the copy goes on)."""
-        result = splice(src, dst, flow, self.pool, ready)
+        result = splice(src, dst, flow, self.pool, ready, far)
         if out_of_descriptors(result):
-            result = splice_through_buffer(src, dst, flow, self.buffers, ready)
+            result = splice_through_buffer(src, dst, flow, self.buffers, ready, far)
         return result
 
     def copy_up(self, session):
@@ -1926,8 +1953,6 @@ class Forwarder:
             if self.supervisor.phase is Phase.DOWN and not self.sessions:
                 self.pool.empty()
                 self.buffers.empty()
-                self.heard.clear()
-                self.far_bytes_seen.clear()
             changed.wait()
 
     def close(self):
@@ -2744,6 +2769,34 @@ class Reception:
         return "QUIT"
 
 
+class CountedReads:
+    """The runner's connection through a child: what it reads counts as the far
+    side's bytes on that child (as a session's copy counts them), so the stale
+    check sees a tunnel that carries the queue alive.  The rest is the socket's."""
+
+    def __init__(self, sock, flow):
+        self.sock = sock
+        self.flow = flow
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+    def recv(self, *args):
+        data = self.sock.recv(*args)
+        self.flow.count += len(data)
+        return data
+
+    def recv_into(self, *args):
+        count = self.sock.recv_into(*args)
+        self.flow.count += count
+        return count
+
+    def makefile(self, mode="rb", *_args, **_kwargs):
+        """A buffered reader whose reads go through recv_into above."""
+        import io
+        return io.BufferedReader(socket.SocketIO(self, "rb"))
+
+
 def parse_path(keyword, argument):
     """(address, [(PARAM, value or None)]) from 'FROM:<addr> PARAM=value ...',
     or None if it is not that."""
@@ -2837,32 +2890,35 @@ class QueueRunner:
 
     def deliver(self, envelopes):
         """One connection through the tunnel for all these messages."""
-        import smtplib
         self.delivering = True
-        self.supervisor.arrived()
         try:
-            try:
-                upstream, _child = self.supervisor.connect(self.settings.wait)
-            except (TunnelUnavailable, OutOfDescriptors) as exc:
-                for envelope in envelopes:
-                    self.defer(envelope, f"the tunnel cannot be had: {exc}")
-                return
-            smtp = Hoster(upstream, self.hostname)
-            left = list(envelopes)
-            try:
-                smtp.greet()
-                while left:
-                    self.deliver_one(smtp, left[0])
-                    left.pop(0)
-                smtp.quit()
-            except (smtplib.SMTPException, OSError) as exc:
-                for envelope in left:
-                    self.defer(envelope, f"the connection to the hoster failed: {smtp_error(exc)}")
-            finally:
-                upstream.close()
+            with self.supervisor.visit() as tunnel:
+                self.deliver_through(tunnel, envelopes)
         finally:
-            self.supervisor.left()
             self.delivering = False
+
+    def deliver_through(self, tunnel, envelopes):
+        import smtplib
+        try:
+            upstream, child = tunnel.connect(self.settings.wait)
+        except (TunnelUnavailable, OutOfDescriptors) as exc:
+            for envelope in envelopes:
+                self.defer(envelope, f"the tunnel cannot be had: {exc}")
+            return
+        upstream = CountedReads(upstream, child.far)    # its replies show the tunnel alive
+        smtp = Hoster(upstream, self.hostname)
+        left = list(envelopes)
+        try:
+            smtp.greet()
+            while left:
+                self.deliver_one(smtp, left[0])
+                left.pop(0)
+            smtp.quit()
+        except (smtplib.SMTPException, OSError) as exc:
+            for envelope in left:
+                self.defer(envelope, f"the connection to the hoster failed: {smtp_error(exc)}")
+        finally:
+            upstream.close()
 
     def deliver_one(self, smtp, envelope):
         """One transaction: each recipient ends delivered, deferred or failed."""
@@ -4124,11 +4180,10 @@ def check(settings, settings_file):
     tunnel_dir = make_tunnel_dir(None)
     supervisor = Supervisor(settings, lambda n: os.path.join(tunnel_dir, f"tunnel-{n}.sock"))
     running = spawn(supervisor.run)
-    supervisor.arrived()
     try:
-        greeted = try_the_tunnel(supervisor, settings)
+        with supervisor.visit() as tunnel:
+            greeted = try_the_tunnel(supervisor, tunnel, settings)
     finally:
-        supervisor.left()
         supervisor.stop_all()
         supervisor.all_gone.wait(timeout=3 * STOP_GRACE + 1)
         running.kill()
@@ -4144,13 +4199,13 @@ def check(settings, settings_file):
     return 1
 
 
-def try_the_tunnel(supervisor, settings):
+def try_the_tunnel(supervisor, tunnel, settings):
     """Connect through the tunnel and read the greeting: True if it is SMTP's,
     False if not, None if the tunnel did not come up."""
     from gevent import sleep
     started = time.monotonic()
     try:
-        upstream, child = supervisor.connect(settings.wait)
+        upstream, child = tunnel.connect(settings.wait)
     except TunnelUnavailable as exc:
         explain_tunnel_failure(supervisor.last_child, exc)
         return None

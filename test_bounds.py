@@ -1,0 +1,310 @@
+"""minimail's bounds: far sides that close without a word or answer slowly,
+stale tunnels told from slow ones, the first client after a suspend, clients
+that never read their replies or trickle their mail, a SIGTERM in the middle
+of a commit or a delivery, child timers, and who may lock the pid file or
+hand root a settings file.
+
+As in the other modules, the real program runs against real clients; the far
+side here is a small SMTP server of this module's own, run as the tunnel
+command on a TCP port (FAR_SIDE), so that it can misbehave on cue: close
+without a word, greet late, answer slowly, or stay silent.
+"""
+
+import json
+import os
+import pwd
+import re
+import resource
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gevent
+import pytest
+from docopt import docopt
+
+import minimail
+from conftest import (
+    AS_ROOT, MINIMAIL, SWAKS, alive, free_port, make_message, minimail_command, need,
+    wait_until)
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+#: A tunnel command that is its own far side: an SMTP server on the tunnel port.
+#:   far_side.py PORT DIR SPEC  -- SPEC is JSON: a list of behaviours, one for each
+#:   connection in turn (the last one for all later connections), each a dict:
+#:   close (accept, then close without a word), silent (accept, never speak),
+#:   greet_after, rcpt_delay, dot_delay (seconds).  It marks in DIR what it saw:
+#:   conn-N when connection N (from 0) came, conn-N-rcpt at its first RCPT,
+#:   conn-N-data once DATA began; each message it took is written to
+#:   msg-N-K.eml (whole, or not there) before the reply to its final dot.
+FAR_SIDE = r'''
+import json, os, socket, sys, threading, time
+
+port, where, spec = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+
+def mark(name, data=b""):
+    with open(os.path.join(where, name + ".tmp"), "wb") as out:
+        out.write(data)
+    os.rename(os.path.join(where, name + ".tmp"), os.path.join(where, name))
+
+def serve(conn, n, how):
+    mark(f"conn-{n}")
+    if how.get("close"):
+        conn.close()
+        return
+    if how.get("silent"):
+        time.sleep(3600)
+    time.sleep(how.get("greet_after", 0))
+    reader = conn.makefile("rb")
+    conn.sendall(b"220 far.example ESMTP\r\n")
+    taken = 0
+    for line in reader:
+        verb = line[:4].upper()
+        if verb in (b"EHLO", b"HELO"):
+            conn.sendall(b"250-far.example\r\n250 8BITMIME\r\n")
+        elif verb == b"RCPT":
+            if not os.path.exists(os.path.join(where, f"conn-{n}-rcpt")):
+                mark(f"conn-{n}-rcpt")
+            time.sleep(how.get("rcpt_delay", 0))
+            conn.sendall(b"250 ok\r\n")
+        elif verb == b"DATA":
+            conn.sendall(b"354 go on\r\n")
+            mark(f"conn-{n}-data")
+            message = b""
+            for text in reader:
+                if text == b".\r\n":
+                    break
+                message += text[1:] if text.startswith(b".") else text
+            mark(f"msg-{n}-{taken}.eml", message)
+            taken += 1
+            time.sleep(how.get("dot_delay", 0))
+            conn.sendall(b"250 taken\r\n")
+        elif verb == b"QUIT":
+            conn.sendall(b"221 bye\r\n")
+            break
+        else:
+            conn.sendall(b"250 ok\r\n")
+    conn.close()
+
+listener = socket.create_server(("127.0.0.1", port))
+count = 0
+while True:
+    conn, _ = listener.accept()
+    how = spec[min(count, len(spec) - 1)]
+    threading.Thread(target=serve, args=(conn, count, how), daemon=True).start()
+    count += 1
+'''
+
+
+@pytest.fixture
+def far_side(tmp_path, minimail_process):
+    """start(spec, *options) -> (minimail, the far side's record directory): minimail
+    whose tunnel command is FAR_SIDE with that SPEC (a list of dicts)."""
+    script = tmp_path / "far_side.py"
+    script.write_text(FAR_SIDE)
+    records = tmp_path / "far"
+    records.mkdir()
+
+    def start(spec, *options, linger=30):
+        port = free_port()
+        command = f"{sys.executable} {script} {port} {records} '{json.dumps(spec)}'"
+        mm = minimail_process("--tunnel-port", port, "--tunnel-command", command,
+                              "--linger", linger, "--jitter", 0, *options)
+        return mm, records
+    return start
+
+
+def taken(records):
+    """The messages the far side took, in the order of their files' names."""
+    return [path.read_bytes() for path in sorted(records.glob("msg-*.eml"))]
+
+
+def without_received(content):
+    return re.sub(rb"\AReceived: [^\r]*\r\n(?:[ \t][^\r]*\r\n)*", b"", content)
+
+
+def mail(port, marker, timeout=30):
+    """smtplib sends one message; the reply to its DATA."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=timeout) as smtp:
+        smtp.ehlo("desktop.example")
+        assert smtp.mail("cron@desktop.example")[0] == 250
+        assert smtp.rcpt("admin@hoster.example")[0] == 250
+        return smtp.data(make_message(marker))
+
+
+# ---------------------------------------------------------------------------
+# Item 8: a far side that closes without a word, over a TCP tunnel
+# ---------------------------------------------------------------------------
+
+def test_a_far_side_closing_without_a_word_over_tcp_sends_the_mail_to_the_queue(far_side):
+    mm, records = far_side([{"close": True}, {}], "--queue-retry", 0.5)
+    code, reply = mail(mm.port, "silent-close")
+    assert code == 250 and reply.startswith(b"2.0.0 queued as "), reply
+    mm.wait_for_log(r"client 127\.0\.0\.1:\d+: queue \(the far side closed the connection "
+                    r"without a word")
+    wait_until(lambda: taken(records), 20, "the queued mail to be delivered")
+    assert [without_received(m) for m in taken(records)] == [make_message("silent-close")]
+
+
+def test_with_swaks_and_no_queue_a_silent_close_over_tcp_is_a_421(far_side, tmp_path):
+    need("swaks", SWAKS)
+    mm, _ = far_side([{"close": True}], "--no-queue")
+    result = subprocess.run(["swaks", "--server", f"127.0.0.1:{mm.port}", "--to",
+                             "admin@hoster.example", "--from", "cron@desktop.example",
+                             "--timeout", "20"], capture_output=True, text=True, timeout=60)
+    assert "<** 421 4.4.0 minimail: the far side closed the connection without a word" in \
+        result.stdout, result.stdout
+
+
+# ---------------------------------------------------------------------------
+# Item 10: the stale check counts the far side's bytes on the child, for all
+# ---------------------------------------------------------------------------
+
+def failing_until(flag, command):
+    """A tunnel command that fails (exit 3) until the file flag exists, then runs command."""
+    return f"sh -c 'test -e {flag} || exit 3; exec {command}'"
+
+
+def test_a_slow_greeting_while_the_runner_hears_the_far_side_is_no_stale_tunnel(
+        tmp_path, minimail_process):
+    script = tmp_path / "far_side.py"
+    script.write_text(FAR_SIDE)
+    records, flag, port = tmp_path / "far", tmp_path / "reachable", free_port()
+    records.mkdir()
+    spec = [{"rcpt_delay": 0.25}, {"greet_after": 3}, {}]      # the runner's, the client's
+    command = f"{sys.executable} {script} {port} {records} {json.dumps(json.dumps(spec))}"
+    mm = minimail_process("--tunnel-port", port, "--tunnel-command", failing_until(flag, command),
+                          "--greeting-wait", 1, "--queue-retry", 600, "--linger", 30,
+                          "--jitter", 0)
+    recipients = [f"r{i}@hoster.example" for i in range(12)]  # 12 slow replies: 3 s
+    with smtplib.SMTP("127.0.0.1", mm.port, timeout=30) as smtp:
+        assert smtp.sendmail("cron@desktop.example", recipients, make_message("queued")) == {}
+    flag.touch()
+    mm.proc.send_signal(signal.SIGUSR1)                      # minimail flush
+    wait_until(lambda: (records / "conn-0-rcpt").exists(), 20, "the runner's first RCPT")
+    asked = time.monotonic()
+    with smtplib.SMTP("127.0.0.1", mm.port, timeout=30) as smtp:    # a warm tunnel, slow greeting
+        greeted = time.monotonic() - asked
+        assert smtp.noop()[0] == 250
+    print(f"\na slow greeting (3 s, --greeting-wait 1) while the runner delivers: {greeted:.2f} s")
+    wait_until(lambda: taken(records), 20, "the runner's delivery")
+    mm.wait_for_log(r"queue: [0-9A-F]+: 12 delivered")
+    assert "stale" not in mm.log()
+    assert mm.tunnel_starts() == 2                           # the failed one, and the one that worked
+    assert greeted >= 2.5
+
+
+def test_a_client_right_behind_another_through_a_stale_tunnel_is_moved_within_the_wait(far_side):
+    spec = [{}, {"greet_after": 0.02}, {"silent": True}]   # warm-up, A, then silence (stale)
+    mm, records = far_side(spec, "--greeting-wait", 1)
+    code, _ = mail(mm.port, "warm-up")
+    assert code == 250
+    first = socket.create_connection(("127.0.0.1", mm.port), timeout=30)
+    time.sleep(0.05)                                       # within 0.1 s of the first's arrival
+    asked = time.monotonic()
+    second = socket.create_connection(("127.0.0.1", mm.port), timeout=30)
+    try:
+        assert first.recv(100).startswith(b"220 far.example")
+        second.settimeout(10)
+        greeting = second.recv(100)
+        took = time.monotonic() - asked
+    finally:
+        first.close()
+        second.close()
+    print(f"\nthe stale check for a client 0.05 s behind another: greeted after {took:.2f} s "
+          f"(--greeting-wait 1)")
+    assert greeting.startswith(b"220 far.example")
+    assert 1 <= took < 1 + 3
+    mm.wait_for_log(r"tunnel \(pid \d+\) is stale: the far side said nothing for 1 s")
+    assert mm.tunnel_starts() == 2
+
+
+# ---------------------------------------------------------------------------
+# Item 11: the first client after a suspend waits for the supervisor's verdict
+# ---------------------------------------------------------------------------
+
+def settings_for(*argv):
+    args = docopt(minimail.__doc__, ["--foreground", "--no-queue", *map(str, argv)])
+    return minimail.Settings(args)
+
+
+def supervisor_with_clock(command, port, **options):
+    """(an in-process supervisor whose CLOCK_BOOTTIME can jump ahead, the jump, its greenlet)."""
+    monotonic, boot = time.monotonic, [0.0]
+    settings = settings_for("--tunnel-port", port, "--tunnel-command", command)
+    supervisor = minimail.Supervisor(settings, lambda n: port, grace=0.2,
+                                     clocks=(monotonic, lambda: monotonic() + boot[0]), **options)
+    return supervisor, boot, gevent.spawn(supervisor.run)
+
+
+def stop_supervisor(supervisor, greenlet):
+    supervisor.stop_all()
+    supervisor.all_gone.wait(timeout=5)
+    greenlet.kill()
+
+
+def socat_on(port):
+    return f"socat TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork SYSTEM:true"
+
+
+def test_the_first_client_after_a_resume_goes_through_a_fresh_tunnel():
+    port = free_port()
+    supervisor, boot, greenlet = supervisor_with_clock(socat_on(port), port)
+    with gevent.Timeout(20):
+        with supervisor.visit() as tunnel:
+            upstream, before = tunnel.connect(5)
+            upstream.close()
+        boot[0] += 60                                   # the machine slept for a minute
+        with supervisor.visit() as tunnel:              # as forward() does: arrive, connect
+            upstream, after = tunnel.connect(5)
+            upstream.close()
+        assert after is not before
+        assert before.stop_reason == "resumed after 60 s asleep"
+        assert supervisor.launches == 2
+        stop_supervisor(supervisor, greenlet)
+
+
+def test_a_backoff_from_before_a_suspend_refuses_no_client_after_it(tmp_path):
+    port, flag = free_port(), tmp_path / "reachable"
+    supervisor, boot, greenlet = supervisor_with_clock(failing_until(flag, socat_on(port)), port,
+                                                       backoff_first=30)
+    with gevent.Timeout(20):
+        with supervisor.visit() as tunnel:
+            with pytest.raises(minimail.TunnelUnavailable, match="next try in 30 s"):
+                tunnel.connect(5)
+        flag.touch()                                    # the network is back...
+        boot[0] += 600                                  # ...after a night asleep
+        with supervisor.visit() as tunnel:
+            upstream, child = tunnel.connect(5)         # not "next try in 30 s"
+            upstream.close()
+        assert supervisor.launches == 2
+        stop_supervisor(supervisor, greenlet)
+
+
+# ---------------------------------------------------------------------------
+# Item 16: a child's timers end with it
+# ---------------------------------------------------------------------------
+
+def test_a_stop_while_the_child_is_being_reaped_leaves_no_timer_behind(monkeypatch):
+    signalled = []
+    monkeypatch.setattr(minimail, "signal_group", lambda pgid, signum: signalled.append(signum))
+    # The tunnel ends at once, but a process of another session holds its stderr
+    # open: the watcher waits for that (up to the grace) after reaping it.
+    child = minimail.Child(["sh", "-c", "setsid sleep 2 & exit 0"], free_port(), False, 0.5,
+                           on_exit=lambda c: None)
+    child.launch(time.monotonic(), minimail.libc_function("prctl"))
+    with gevent.Timeout(10):
+        while child.returncode is None:
+            gevent.sleep(0.01)
+        assert not child.died.is_set()                  # reaped, its watcher still waiting
+        signalled.clear()
+        child.stop("linger expired")                    # the supervisor did not know yet
+        child.died.wait()
+        gevent.sleep(2 * 0.5 + 0.3)                     # past both of a stop's later steps
+    assert signalled == [], "a reaped (maybe reused) process group was signalled"
+    assert all(timer.dead for timer in child.timers)
