@@ -929,12 +929,16 @@ class Child:
         """Begin to stop, and return at once.  Gently: close ssh's stdin (which
         ends the remote `cat` and ssh with it), SIGTERM the group after a grace,
         SIGKILL it after another.  Otherwise (a stale tunnel, whose ssh would
-        wait for its frozen server forever) SIGTERM at once."""
+        wait for its frozen server forever) SIGTERM at once.  A child already
+        reaped (its watcher still waits for its stderr) gets no signal and no
+        timer: its process group may be someone else's by now."""
         from gevent import spawn_later
         if self.stop_reason is not None:
             return
         self.stop_reason = reason
         self.forget_endpoint()          # no new client reaches a dying tunnel
+        if self.returncode is not None:
+            return
         steps = [lambda: signal_group(self.pid, signal.SIGTERM),
                  lambda: signal_group(self.pid, signal.SIGKILL)]
         if gentle and self.session:
@@ -947,7 +951,7 @@ class Child:
         tell the supervisor."""
         from gevent import spawn
         reader = spawn(self.read_stderr)
-        self.returncode = self.proc.wait()
+        self.returncode = self.proc.wait()         # from now on stop() sets no timer
         signal_group(self.pid, signal.SIGKILL)     # grandchildren die with it
         for timer in self.timers:
             timer.kill()
