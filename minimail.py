@@ -444,7 +444,7 @@ def split_argv(argv):
             continue
         name, equals, value = word.partition("=") if word.startswith("--") else (word[:2], "", word[2:])
         if name not in known:
-            raise UsageError(f"unknown option {name}")
+            raise UsageError(f"unknown option {printable(name, 100)}")
         canonical, takes_value = known[name]
         if takes_value and not (equals or value):
             value = next(words, None)
@@ -4350,11 +4350,11 @@ def parse_sendmail_flags(argv):
                 flags["mode"], letters = "q", ""        # -q takes an optional attached value
             elif flag in SENDMAIL_VALUE_FLAGS:
                 if not letters and not words:
-                    raise SendmailExit(EX_USAGE, f"-{flag} needs a value")
+                    raise SendmailExit(EX_USAGE, f"-{printable(flag, 10)} needs a value")
                 value, letters = letters or words.pop(0), ""
                 apply_sendmail_flag(flags, flag, value)
             else:
-                raise SendmailExit(EX_USAGE, f"unknown flag -{flag} (see `minimail --help`, "
+                raise SendmailExit(EX_USAGE, f"unknown flag -{printable(flag, 10)} (see `minimail --help`, "
                                              f"The sendmail command)")
     return SendmailFlags(**flags), recipients
 
@@ -4372,11 +4372,12 @@ def apply_sendmail_flag(flags, flag, value):
         flags["full_name"] = value
     elif flag == "B":
         if value.upper() not in ("8BITMIME", "7BIT"):
-            raise SendmailExit(EX_USAGE, f"-B {value}: the body type is 8BITMIME or 7BIT")
+            raise SendmailExit(EX_USAGE, f"-B {printable(value, 100)}: the body type is 8BITMIME "
+                                         f"or 7BIT")
         flags["body"] = value.upper()
     elif flag == "b":
         if value not in ("m", "p", "s", "i"):
-            raise SendmailExit(EX_USAGE, f"-b{value} is not supported here (minimail's daemon "
+            raise SendmailExit(EX_USAGE, f"-b{printable(value, 100)} is not supported here (minimail's daemon "
                                          f"runs as `minimail start`)")
         flags["mode"] = value
     # the rest (-o..., -C, -L, -N, -R, -V, -X, -h, -O, -A, -p, -m, -n, -G, -U) mean nothing here
@@ -4408,6 +4409,8 @@ def sendmail_main(argv):
         return EX_UNAVAILABLE
     except KeyboardInterrupt:
         return EX_TEMPFAIL
+    except BrokenPipeError:          # mailq | head: main() ends quietly
+        raise
     except Exception as exc:         # never a traceback into cron's mail: one line
         print(f"minimail: internal error: {type(exc).__name__}: {printable(str(exc), 200)}",
               file=sys.stderr)
@@ -4709,7 +4712,20 @@ def docopt_usage():
 
 
 def main(argv=None):
-    """Run minimail; return its exit status."""
+    """Run minimail; return its exit status.  A reader that goes away early
+    (`minimail queue | head -1`) ends it quietly, as it does other Unix tools:
+    no traceback, the status of a process that SIGPIPE ended."""
+    try:
+        status = run_command(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # nothing left to flush
+        return 128 + signal.SIGPIPE
+    return status
+
+
+def run_command(argv):
+    """main() without its care for a closed standard output."""
     name = os.path.basename(sys.argv[0]) if argv is None else "minimail"
     argv = sys.argv[1:] if argv is None else list(argv)
     if name == "sendmail":

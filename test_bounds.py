@@ -308,3 +308,49 @@ def test_a_stop_while_the_child_is_being_reaped_leaves_no_timer_behind(monkeypat
         gevent.sleep(2 * 0.5 + 0.3)                     # past both of a stop's later steps
     assert signalled == [], "a reaped (maybe reused) process group was signalled"
     assert all(timer.dead for timer in child.timers)
+
+
+# ---------------------------------------------------------------------------
+# Item 19: a closed pipe, and what the sendmail command echoes
+# ---------------------------------------------------------------------------
+
+def fill_queue(queue, count):
+    """count messages in queue/queued, as the receiver writes them."""
+    for where in ("tmp", "queued", "failed"):
+        (queue / where).mkdir(parents=True, mode=0o700)
+    queue.chmod(0o700)
+    for n in range(count):
+        queue_id = f"{0x1000000000000 + n:013X}ABC"
+        envelope = minimail.Envelope(queue_id, "cron@desktop.example", ["admin@hoster.example"],
+                                     time.time(), 100, next_try=time.time() + 60)
+        (queue / "queued" / f"{queue_id}.msg").write_bytes(
+            minimail.ENVELOPE_LINE + envelope.to_json() + b"\r\n" + make_message("x", 100))
+
+
+def test_a_queue_listing_into_head_ends_quietly(tmp_path):
+    fill_queue(tmp_path / "queue", 2000)
+    result = subprocess.run(
+        ["bash", "-c", f"{sys.executable} {MINIMAIL} queue --queue {tmp_path / 'queue'} | head -1; "
+                       f"echo \"status ${{PIPESTATUS[0]}}\" >&2"],
+        capture_output=True, text=True, timeout=60)
+    assert result.stdout.startswith(f"queue in {tmp_path / 'queue'}: 2000 message(s) waiting")
+    assert result.stdout.count("\n") == 1
+    assert result.stderr == "status 141\n"               # as SIGPIPE ends other tools
+
+
+@pytest.mark.parametrize("flag, said", [
+    ("-B8BITMIME\nX", r"-B 8BITMIME\nX: the body type is 8BITMIME or 7BIT"),
+    ("-bx\rforged", r"-bx\rforged is not supported here"),
+    ("-\x1b", r"unknown flag -\x1b"),
+])
+def test_the_sendmail_command_echoes_a_bad_flag_escaped(flag, said):
+    result = minimail_command("sendmail", flag, "admin@hoster.example")
+    assert result.returncode == 64
+    assert result.stderr.count("\n") == 1 and "\x1b" not in result.stderr
+    assert said in result.stderr
+
+
+def test_an_unknown_option_is_echoed_escaped():
+    result = minimail_command("--frob\nforged", "hoster")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[0] == r"minimail: unknown option --frob\nforged"
