@@ -314,6 +314,10 @@ class Fatal(Exception):
     """minimail cannot run (e.g. the listen address is taken): exit status 1."""
 
 
+class SettingsRefused(UsageError):
+    """A settings file root must not read: one line, exit 2 (78 for sendmail)."""
+
+
 class TunnelUnavailable(Exception):
     """The tunnel cannot carry this client; the text goes into the 421 reply."""
 
@@ -524,6 +528,8 @@ class SettingsFile:
     def read(cls, path):
         try:
             with open(path, "rb") as f:
+                if os.geteuid() == 0:
+                    refuse_unsafe_settings(path, os.fstat(f.fileno()))
                 text = f.read(SMALL_FILE_MAX + 1)
         except OSError as exc:
             raise UsageError(f"cannot read the settings file {path}: {exc.strerror}") from None
@@ -557,6 +563,28 @@ class SettingsFile:
     def listen(self):
         """Where the daemon listens, as the file's MINIMAIL_OPTIONS say."""
         return parse_listen(self.option("--listen") or "127.0.0.1:25")
+
+
+def refuse_unsafe_settings(path, st):
+    """As root, a settings file must be root's, and neither it nor its directory
+    writable by anyone else: it names commands root runs (--tunnel-command,
+    --ssh).  /dev/null, which holds no settings, will do."""
+    if stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3):
+        return
+    shown = printable(path, 200)
+    where = [(f"the settings file {shown}", st)]
+    for directory in dict.fromkeys((os.path.dirname(os.path.abspath(path)),
+                                    os.path.dirname(os.path.realpath(path)))):
+        where.append((f"the directory of the settings file {shown} ({printable(directory, 200)})",
+                      os.stat(directory)))
+    for what, st in where:
+        if st.st_uid != 0:
+            raise SettingsRefused(f"{what} belongs to {owner_name(st.st_uid)}, not root: root "
+                                  f"would run the commands it names; make it root's")
+        if st.st_mode & 0o022:
+            raise SettingsRefused(f"{what} may be written by others (mode "
+                                  f"{stat.S_IMODE(st.st_mode):04o}): root would run the "
+                                  f"commands it names; make it writable by root alone")
 
 
 class Settings:
@@ -3451,7 +3479,9 @@ def note_sighup(_signum=None, _frame=None):
 class PidFile:
     """The daemon's pid file, locked (flock) for as long as the daemon runs:
     a second daemon with the same pid file cannot start, and `stop` believes
-    only the process that holds the lock."""
+    only the process that holds the lock.  It is 0600: a lock can be taken by
+    anyone who can open the file, and another user holding it (after a kill -9)
+    would keep minimail from starting."""
 
     def __init__(self, path):
         self.path = path
@@ -3462,7 +3492,8 @@ class PidFile:
         daemon's; O_CLOEXEC, so the tunnel does not inherit it)."""
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(self.path, flags, 0o644)
+            fd = os.open(self.path, flags, 0o600)
+            os.fchmod(fd, 0o600)             # one left by an older minimail was 0644
         except OSError as exc:
             raise Fatal(f"cannot open the pid file {self.path}: {exc.strerror}") from None
         try:
@@ -4012,6 +4043,9 @@ def status(pidfile, as_json):
         print(json.dumps({"running": bool(pid), "pid": pid, **state}, indent=1))
     elif pid is None:
         print("minimail is not running")
+    elif not os.access(pidfile, os.R_OK):
+        print(f"minimail is running (pid {pid}); the rest is for its user and root: "
+              f"try sudo minimail status")
     else:
         print("\n".join(describe_status(pid, state)))
     return 0 if pid else 3
@@ -4738,6 +4772,9 @@ def run_command(argv):
     try:
         argv, settings_file = with_settings_file(argv)
         args = docopt(__doc__, argv, version=f"minimail {__version__}")
+    except SettingsRefused as exc:
+        print(f"minimail: {exc}", file=sys.stderr)
+        return 2
     except UsageError as exc:
         print(f"minimail: {exc}", docopt_usage(), "Try 'minimail --help'.", sep="\n", file=sys.stderr)
         return 2

@@ -354,3 +354,132 @@ def test_an_unknown_option_is_echoed_escaped():
     result = minimail_command("--frob\nforged", "hoster")
     assert result.returncode == 2
     assert result.stderr.splitlines()[0] == r"minimail: unknown option --frob\nforged"
+
+
+# ---------------------------------------------------------------------------
+# Item 17: the pid file's lock is minimail's alone
+# ---------------------------------------------------------------------------
+
+def as_nobody(action):
+    """Run action() in a fork of this process as nobody; (its exit status, what it wrote
+    to the pipe it is given as its argument)."""
+    nobody = pwd.getpwnam("nobody")
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        status = 70
+        try:
+            os.close(read_end)
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            out = os.fdopen(write_end, "w")
+            sys.stdout = sys.stderr = out
+            status = action(out)
+            out.flush()
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end) as said:
+        text = said.read()
+    _, status = os.waitpid(child, 0)
+    return os.waitstatus_to_exitcode(status), text
+
+
+def lock_as_nobody(pidfile, holding):
+    """As another user, in a fork: take the pid file's lock if the file opens, and
+    hold it while the file holding exists.  (The fork's pid, what it said.)"""
+    nobody = pwd.getpwnam("nobody")
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        import fcntl
+        try:
+            os.close(read_end)
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            try:
+                fd = os.open(pidfile, os.O_RDONLY)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.write(write_end, f"refused: {exc.strerror}\n".encode())
+            else:
+                os.write(write_end, b"locked\n")
+                for _ in range(600):
+                    if not os.path.exists(holding):
+                        break
+                    time.sleep(0.05)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as said:
+        return child, said.readline()
+
+
+@root_only
+def test_after_a_kill_9_another_user_cannot_lock_minimail_out(run_dir, tunnel_script):
+    pidfile = run_dir / "minimail.pid"
+
+    def start():
+        return minimail_command(
+            "start", *AS_ROOT, "--listen", f"127.0.0.1:{free_port()}", "--pidfile", pidfile,
+            "--logfile", run_dir / "minimail.log", "--queue", run_dir / "queue",
+            *tunnel_script("echo", 0, "{port}"))
+    assert start().returncode == 0
+    daemon = int(pidfile.read_text())
+    assert pidfile.stat().st_mode & 0o777 == 0o600
+    status, said = as_nobody(lambda out: minimail.main(["status", "--pidfile", str(pidfile)]))
+    assert (status, said) == (0, f"minimail is running (pid {daemon}); the rest is for its user "
+                                 f"and root: try sudo minimail status\n")
+    os.kill(daemon, signal.SIGKILL)                      # its pid file stays behind
+    wait_until(lambda: not alive(daemon), 10, "the daemon to die")
+    holding = run_dir / "holding"
+    holding.touch()
+    locker, said = lock_as_nobody(str(pidfile), str(holding))
+    try:
+        assert said == "refused: Permission denied\n"
+        started = start()
+        assert started.returncode == 0, started.stderr
+        assert minimail_command("stop", "--pidfile", pidfile).returncode == 0
+    finally:
+        holding.unlink()
+        os.waitpid(locker, 0)
+
+
+# ---------------------------------------------------------------------------
+# Item 18: root reads only a settings file nobody else can change
+# ---------------------------------------------------------------------------
+
+def with_config(path):
+    return {**os.environ, "MINIMAIL_CONFIG": str(path)}
+
+
+@root_only
+def test_root_refuses_a_settings_file_others_can_change(tmp_path):
+    good = tmp_path / "good"
+    good.mkdir(mode=0o755)
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    cases = {good / "strangers.conf": (65534, 0o644, "belongs to nobody, not root"),
+             good / "writable.conf": (0, 0o666, "may be written by others (mode 0666)"),
+             open_dir / "minimail.conf": (0, 0o644, f"({open_dir}) may be written by others "
+                                                    f"(mode 0777)")}
+    for path, (owner, mode, why) in cases.items():
+        path.write_text("MINIMAIL_OPTIONS=--tunnel-port 2526 --tunnel-command 'touch /tmp/owned'\n")
+        os.chown(path, owner, owner)
+        path.chmod(mode)
+        result = minimail_command("status", "--pidfile", tmp_path / "x.pid", env=with_config(path))
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and why in result.stderr, result.stderr
+        assert result.stderr.startswith("minimail: the ") and f"settings file {path}" in result.stderr
+        result = minimail_command("sendmail", "root", env=with_config(path))
+        assert result.returncode == 78 and result.stderr.count("\n") == 1, result.stderr
+        assert why in result.stderr
+        result = minimail_command("status", "--config", path, "--pidfile", tmp_path / "x.pid")
+        assert result.returncode == 2 and why in result.stderr
+    ours = good / "minimail.conf"
+    ours.write_text("MINIMAIL_ADMIN=admin@hoster.example\n")
+    ours.chmod(0o644)
+    for path in (ours, os.devnull):
+        result = minimail_command("status", "--pidfile", tmp_path / "x.pid", env=with_config(path))
+        assert (result.returncode, result.stdout) == (3, "minimail is not running\n"), result.stderr
