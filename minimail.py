@@ -2082,6 +2082,14 @@ SMTP_TIMEOUT = 60.0
 DRAFT_IN_MEMORY = 1024 * 1024
 #: A line of DATA without CRLF is passed on in pieces once it is this long.
 DATA_LINE_PIECE = 64 * 1024
+#: DATA must be done within --idle-timeout plus a second for this many bytes of
+#: --max-size (500 s by default): a local client sends megabytes a second, and
+#: one that trickles a byte now and then no longer holds its slot for ever.
+DATA_RATE_LEAST = 256 * 1024
+#: Replies the receiver keeps for a client before it waits for the client to
+#: read them (and reads nothing from it meanwhile): a client that pipelines
+#: and never reads costs this much, not all it asked for.
+REPLIES_PENDING_MAX = 16 * 1024
 #: How much of a message's header the bounce quotes.
 HEADER_QUOTE_MAX = 64 * 1024
 #: Where the spool keeps what (subdirectories of --queue).
@@ -2497,7 +2505,7 @@ class LineReader:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise socket.timeout("timed out")
-            self.sock.settimeout(left)
+            self.sock.settimeout(left if self.idle is None else min(left, self.idle))
         chunk = self.sock.recv(65536)
         self.flow.count += len(chunk)
         self.buffer += chunk
@@ -2525,9 +2533,10 @@ class LineReader:
     def has_line(self):
         return b"\n" in self.buffer
 
-    def read_some(self):
-        """What is buffered, or else the next chunk from the client (b"" at its end)."""
-        if not self.buffer and not self.fill():
+    def read_some(self, deadline=None):
+        """What is buffered, or else the next chunk from the client (b"" at its end),
+        within `idle` and the deadline."""
+        if not self.buffer and not self.fill(deadline):
             return b""
         data = bytes(self.buffer)
         self.buffer.clear()
@@ -2599,7 +2608,8 @@ class Reception:
         self.session = session
         self.reader = LineReader(session.client, session.kept, session.sent,
                                  receiver.settings.idle_timeout)
-        self.out = []
+        self.out, self.out_size = [], 0
+        self.stalled = False             # the client did not read its replies in time
         self.greeted_as = None           # the client's EHLO or HELO name
         self.esmtp = False
         self.queued = 0
@@ -2615,18 +2625,27 @@ class Reception:
 
     def send(self, *lines):
         for line in lines:
-            self.out.append(smtp_reply_line(line))
+            data = smtp_reply_line(line)
+            self.out.append(data)
+            self.out_size += len(data)
+        if self.out_size > REPLIES_PENDING_MAX:
+            self.flush()                 # a pipelining client must read to go on
 
     def flush(self):
         """Send the replies so far: most often in one send(2) (a reply is small
-        and the socket's buffer empty), so no timer is set for it."""
-        if self.out:
+        and the socket's buffer empty), so no timer is set for it.  A client
+        that reads none of them within --idle-timeout is cut (socket.timeout)."""
+        if self.out and not self.stalled:
             data, client = b"".join(self.out), self.session.client
-            self.out = []
+            self.out, self.out_size = [], 0
             client.settimeout(self.reader.idle)
-            sent = client.send(data)
-            if sent < len(data):
-                client.sendall(data[sent:])
+            try:
+                sent = client.send(data)
+                if sent < len(data):
+                    client.sendall(data[sent:])
+            except socket.timeout:
+                self.stalled = True
+                raise
             self.session.received.count += len(data)
 
     def run(self):
@@ -2646,8 +2665,10 @@ class Reception:
                 if self.command(line) == "QUIT":
                     return
         except (socket.timeout, Timeout):
+            idle = self.receiver.settings.idle_timeout
             self.send("421 4.4.2 minimail: idle too long, closing")
-            self.outcome = f"closed: idle for {self.receiver.settings.idle_timeout:g} s"
+            self.outcome = f"closed: {'its replies went unread' if self.stalled else 'idle'} " \
+                           f"for {idle:g} s"
         finally:
             try:
                 self.flush()
@@ -2742,8 +2763,19 @@ class Reception:
         self.draft.write(received_line(self.greeted_as, self.session.peer, self.receiver.hostname,
                                        self.draft.id, self.esmtp))
         reader = DataReader()
+        settings = self.receiver.settings
+        allowed = settings.idle_timeout and settings.idle_timeout + settings.max_size / DATA_RATE_LEAST
+        deadline = allowed and time.monotonic() + allowed
         while not reader.done:
-            chunk = self.reader.read_some()
+            try:
+                chunk = self.reader.read_some(deadline or None)
+            except socket.timeout:
+                if not deadline or time.monotonic() < deadline:
+                    raise                    # idle
+                self.send(f"421 4.4.2 minimail: the message did not arrive within {allowed:g} s, "
+                          f"closing")
+                self.outcome = f"closed: DATA not done within {allowed:g} s"
+                return "QUIT"
             if not chunk:
                 self.outcome = "the client left in the middle of DATA"
                 return "QUIT"

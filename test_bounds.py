@@ -483,3 +483,101 @@ def test_root_refuses_a_settings_file_others_can_change(tmp_path):
     for path in (ours, os.devnull):
         result = minimail_command("status", "--pidfile", tmp_path / "x.pid", env=with_config(path))
         assert (result.returncode, result.stdout) == (3, "minimail is not running\n"), result.stderr
+
+
+# ---------------------------------------------------------------------------
+# Item 14: clients that never read their replies, or trickle their mail
+# ---------------------------------------------------------------------------
+
+def peak_rss_kib(pid):
+    return int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())[1])
+
+
+def non_reader(port):
+    """A client with a small receive buffer (its replies back up soon)."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.settimeout(10)
+    client.connect(("127.0.0.1", port))
+    client.setblocking(False)
+    return client
+
+
+def pipeline_without_reading(port, count, seconds):
+    """count clients that pipeline HELP (a long reply to a short command) as fast
+    as minimail takes it and never read a reply; the open sockets."""
+    clients = [non_reader(port) for _ in range(count)]
+    burst = b"HELP\r\n" * 10000
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        moved = 0
+        for client in clients:
+            try:
+                moved += client.send(burst)
+            except BlockingIOError:
+                pass
+            except OSError:              # cut by minimail: that is allowed
+                pass
+        if not moved:
+            time.sleep(0.05)
+    return clients
+
+
+def test_a_hundred_clients_that_never_read_their_replies_hold_little_memory(minimail_process):
+    port = free_port()
+    mm = minimail_process("--tunnel-port", port, "--tunnel-command", "sh -c 'exit 3'",
+                          "--max-clients", 200)
+    before = peak_rss_kib(mm.proc.pid)
+    clients = pipeline_without_reading(mm.port, 100, 8)
+    peak = peak_rss_kib(mm.proc.pid)
+    for client in clients:
+        client.close()
+    print(f"\npeak RSS with 100 clients that never read their replies: {peak / 1024:.1f} MiB "
+          f"(at the start: {before / 1024:.1f} MiB)")
+    assert peak < before + 20 * 1024                   # 0.2.0: 74 MiB more in these 8 s
+
+
+def queue_only(minimail_process, *options):
+    """minimail whose tunnel always fails at once: every client is the queue's."""
+    port = free_port()
+    return minimail_process("--tunnel-port", port, "--tunnel-command", "sh -c 'exit 3'", *options)
+
+
+def test_a_client_that_reads_no_reply_is_cut_after_the_idle_timeout(minimail_process):
+    mm = queue_only(minimail_process, "--idle-timeout", 1)
+    clients = pipeline_without_reading(mm.port, 1, 3)
+    mm.wait_for_log(r"client 127\.0\.0\.1:\d+: queue \(.*\): 0 message\(s\) queued; closed: "
+                    r"its replies went unread for 1 s", timeout=5)
+    clients[0].close()
+
+
+def test_a_client_that_trickles_its_message_is_cut_at_the_data_deadline(minimail_process):
+    mm = queue_only(minimail_process, "--idle-timeout", 1, "--max-size", 100_000)
+    with socket.create_connection(("127.0.0.1", mm.port), timeout=10) as client:
+        replies = client.makefile("rb")
+        assert replies.readline().startswith(b"220 ")
+        client.sendall(b"HELO desktop.example\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
+        for _ in range(4):
+            assert replies.readline()[:3] in (b"250", b"354")
+        started = time.monotonic()
+        cut = None
+        for _ in range(100):                             # a byte every 0.3 s: never idle
+            try:
+                client.sendall(b"x")
+            except OSError:
+                break
+            time.sleep(0.3)
+            if cut is None and select_readable(client):
+                cut = replies.readline()
+                break
+        took = time.monotonic() - started
+    print(f"\na client trickling DATA was cut after {took:.1f} s (--idle-timeout 1, "
+          f"--max-size 100000)")
+    assert cut == b"421 4.4.2 minimail: the message did not arrive within 1.38147 s, closing\r\n"
+    assert took < 3
+    mm.wait_for_log(r"closed: DATA not done within 1\.38147 s")
+
+
+def select_readable(sock):
+    import select
+    return bool(select.select([sock], [], [], 0)[0])
