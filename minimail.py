@@ -1650,6 +1650,8 @@ MOVES_MAX = 2
 FD_WARN_EVERY = 10.0
 #: When this many clients were here at once and all have gone, memory goes back.
 CROWD = 200
+#: After the drain's cut, a session inside a commit gets this long to answer it.
+COMMIT_GRACE = 3.0
 
 
 class Session:
@@ -1668,6 +1670,8 @@ class Session:
         self.movable = True      # kept holds all of it (at most REPLAY_LIMIT)
         self.client_ended = False  # the client half-closed before the far side spoke
         self.outcome = None      # why it ended, if not simply at the end of both streams
+        self.held = False        # a commit is under way: a cut waits for its reply
+        self.cut_waiting = None  # a cut asked for meanwhile
 
     def end(self, outcome):
         """Record why the session ended; the first reason stays."""
@@ -1677,7 +1681,11 @@ class Session:
     def cut(self, outcome):
         """End the session from outside its copies (idle, the tunnel died, the
         drain ran out): shutting both sockets down wakes the copies wherever
-        they wait, and they end as at end-of-stream."""
+        they wait, and they end as at end-of-stream.  While a commit is under
+        way (held), the cut waits until its reply has gone out."""
+        if self.held:
+            self.cut_waiting = self.cut_waiting or outcome
+            return
         self.end(outcome)
         for sock in (self.client, self.upstream):
             if sock is not None:
@@ -1685,6 +1693,20 @@ class Session:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def hold(self):
+        """A commit begins: the mail will be queued, and the client must hear so."""
+        self.held = True
+
+    def release(self, say):
+        """The commit is over: say() sends its reply, then a cut that waited comes."""
+        self.held = False
+        if self.cut_waiting is not None:
+            try:
+                say()
+            except OSError:
+                pass
+            self.cut(self.cut_waiting)
 
     def attach(self, upstream, child):
         """Go through this connection: close the one before, replay what the
@@ -2000,9 +2022,14 @@ class Forwarder:
         self.cut_all(f"cut: the drain of {seconds:g} s ran out")
 
     def cut_all(self, outcome):
+        """Cut every session; one inside a commit first answers it (COMMIT_GRACE)."""
+        from gevent import sleep
         for session in list(self.sessions):
             session.cut(outcome)
         self.handlers.join(timeout=1)
+        deadline = time.monotonic() + COMMIT_GRACE
+        while any(s.held for s in self.sessions) and time.monotonic() < deadline:
+            sleep(0.02)
         self.handlers.kill(block=True, timeout=1)
         if self.keeper is not None:
             self.keeper.kill()
@@ -2798,6 +2825,13 @@ class Reception:
         envelope = self.envelope
         envelope.size = draft.size
         envelope.body = envelope.body or ("8BITMIME" if draft.eight_bit else None)
+        self.session.hold()                  # a drain's cut waits for the reply
+        try:
+            self.commit(draft, envelope)
+        finally:
+            self.session.release(self.flush)
+
+    def commit(self, draft, envelope):
         try:
             in_thread(self.receiver.spool.commit, draft)
         except OSError as exc:
@@ -2893,6 +2927,7 @@ class QueueRunner:
         self.wake_at = None               # when the runner's timer rings (None: it does not)
         self.everything = True            # deliver all, not only what is due
         self.delivering = False
+        self.stopping = False             # minimail stops: end after the current message
         self.cleaned_at = 0.0
 
     # -- what others tell it -------------------------------------------------
@@ -2910,6 +2945,12 @@ class QueueRunner:
         log.info("queue: flush: %d message(s) to deliver", len(self.waiting))
         self.supervisor.flush()
         self.everything = True
+        self.wake.set()
+
+    def stop(self):
+        """minimail is stopping: finish the message under way (the drain waits
+        for it), then end; the rest stay queued as they are, no attempt counted."""
+        self.stopping = True
         self.wake.set()
 
     def tunnel_up(self):
@@ -2937,7 +2978,7 @@ class QueueRunner:
         if self.waiting:
             log.info("queue: %d message(s) waiting in %s", len(self.waiting), self.spool.root)
         self.on_change()
-        while True:
+        while not self.stopping:
             self.wake.clear()
             now = time.time()
             self.expire(now)
@@ -2966,7 +3007,7 @@ class QueueRunner:
         try:
             upstream, child = tunnel.connect(self.settings.wait)
         except (TunnelUnavailable, OutOfDescriptors) as exc:
-            for envelope in envelopes:
+            for envelope in envelopes if not self.stopping else ():
                 self.defer(envelope, f"the tunnel cannot be had: {exc}")
             return
         upstream = CountedReads(upstream, child.far)    # its replies show the tunnel alive
@@ -2974,12 +3015,12 @@ class QueueRunner:
         left = list(envelopes)
         try:
             smtp.greet()
-            while left:
+            while left and not self.stopping:
                 self.deliver_one(smtp, left[0])
                 left.pop(0)
             smtp.quit()
         except (smtplib.SMTPException, OSError) as exc:
-            for envelope in left:
+            for envelope in left if not self.stopping else left[:1]:
                 self.defer(envelope, f"the connection to the hoster failed: {smtp_error(exc)}")
         finally:
             upstream.close()
@@ -3984,10 +4025,16 @@ class Daemon:
         return 1 if failed else 0
 
     def shut_down(self):
+        """Stop accepting; let sessions and the runner's message under way end
+        within the drain; cut what is left; stop the tunnel."""
+        drain_ends = time.monotonic() + self.settings.drain
+        if self.runner is not None:
+            self.runner.stop()
         self.forwarder.close()
         self.supervisor.close()              # clients still waiting get 421 at once
         self.forwarder.drain(self.settings.drain)
         for greenlet in self.greenlets[1:]:  # the queue runner: its mail stays queued
+            greenlet.join(timeout=max(0.0, drain_ends - time.monotonic()))
             greenlet.kill()
         self.supervisor.stop_all()
         self.supervisor.all_gone.wait(timeout=3 * STOP_GRACE + 1)

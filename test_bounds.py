@@ -15,6 +15,7 @@ import os
 import pwd
 import re
 import resource
+import shutil
 import signal
 import smtplib
 import socket
@@ -581,3 +582,112 @@ def test_a_client_that_trickles_its_message_is_cut_at_the_data_deadline(minimail
 def select_readable(sock):
     import select
     return bool(select.select([sock], [], [], 0)[0])
+
+
+# ---------------------------------------------------------------------------
+# Item 9: SIGTERM while a commit or a delivery is under way
+# ---------------------------------------------------------------------------
+
+#: fsync(2), made slow once: the first call marks $SLOW_FSYNC_MARK, then takes 1.5 s.
+SLOW_FSYNC = r'''
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+int fsync(int fd) {
+    static int slowed = 0;
+    int (*real)(int) = (int (*)(int)) dlsym(RTLD_NEXT, "fsync");
+    const char *mark = getenv("SLOW_FSYNC_MARK");
+    if (mark && !__atomic_exchange_n(&slowed, 1, __ATOMIC_SEQ_CST)) {
+        int marked = open(mark, O_WRONLY | O_CREAT, 0644);
+        if (marked >= 0)
+            close(marked);
+        usleep(1500000);
+    }
+    return real(fd);
+}
+'''
+
+
+@pytest.fixture
+def slow_fsync(tmp_path, monkeypatch):
+    """Processes started from now on in this test take 1.5 s for their first fsync;
+    the path returned appears when that fsync begins."""
+    gcc = shutil.which("gcc")
+    need("gcc", gcc)
+    source, library = tmp_path / "slow_fsync.c", tmp_path / "slow_fsync.so"
+    source.write_text(SLOW_FSYNC)
+    subprocess.run([gcc, "-shared", "-fPIC", "-o", library, source, "-ldl"], check=True,
+                   timeout=60)
+    mark = tmp_path / "fsync-began"
+    monkeypatch.setenv("LD_PRELOAD", str(library))
+    monkeypatch.setenv("SLOW_FSYNC_MARK", str(mark))
+    return mark
+
+
+def test_sigterm_during_a_commit_still_answers_250_and_the_mail_goes_once(
+        tmp_path, slow_fsync, minimail_process, monkeypatch):
+    script = tmp_path / "far_side.py"
+    script.write_text(FAR_SIDE)
+    records, port, queue = tmp_path / "far", free_port(), tmp_path / "queue"
+    records.mkdir()
+    mm = minimail_process("--tunnel-port", port, "--tunnel-command", "sh -c 'exit 3'",
+                          "--queue", queue, "--drain", 0)
+    with socket.create_connection(("127.0.0.1", mm.port), timeout=30) as client:
+        replies = client.makefile("rb")
+        assert replies.readline().startswith(b"220 ")
+        client.sendall(b"HELO desktop.example\r\nMAIL FROM:<cron@desktop.example>\r\n"
+                       b"RCPT TO:<admin@hoster.example>\r\nDATA\r\n")
+        for _ in range(4):
+            assert replies.readline()[:3] in (b"250", b"354")
+        client.sendall(re.sub(rb"(?m)^\.", b"..", make_message("committed")) + b".\r\n")
+        wait_until(slow_fsync.exists, 10, "the commit's fsync")
+        mm.proc.send_signal(signal.SIGTERM)              # --drain 0: the cut comes at once
+        answer = replies.readline()
+    assert answer.startswith(b"250 2.0.0 queued as "), answer
+    assert mm.stop() == 0
+    assert "cut: the drain of 0 s ran out" in mm.log()
+    monkeypatch.delenv("LD_PRELOAD")
+    spec = json.dumps(json.dumps([{}]))
+    again = minimail_process("--tunnel-port", port, "--tunnel-command",
+                             f"{sys.executable} {script} {port} {records} {spec}",
+                             "--queue", queue, "--linger", 30, "--jitter", 0)
+    wait_until(lambda: taken(records), 20, "the queued mail to be delivered")
+    again.wait_for_log(r"queue: [0-9A-F]+: 1 delivered")
+    assert [without_received(m) for m in taken(records)] == [make_message("committed")]
+
+
+def test_sigterm_lets_the_runner_finish_its_message_and_charges_no_other(
+        tmp_path, minimail_process):
+    script = tmp_path / "far_side.py"
+    script.write_text(FAR_SIDE)
+    flag, port, queue = tmp_path / "reachable", free_port(), tmp_path / "queue"
+    first, second = tmp_path / "far-1", tmp_path / "far-2"
+
+    def start(records, spec):
+        records.mkdir()
+        command = f"{sys.executable} {script} {port} {records} {json.dumps(json.dumps(spec))}"
+        return minimail_process("--tunnel-port", port, "--tunnel-command",
+                                failing_until(flag, command), "--queue", queue,
+                                "--queue-retry", 600, "--linger", 30, "--jitter", 0)
+    mm = start(first, [{"dot_delay": 2}])                # the hoster takes 2 s for each mail
+    for n in range(3):
+        assert mail(mm.port, f"queued-{n}")[0] == 250
+    flag.touch()
+    mm.proc.send_signal(signal.SIGUSR1)                  # minimail flush
+    wait_until(lambda: (first / "conn-0-data").exists(), 20, "the first delivery's DATA")
+    asked = time.monotonic()
+    assert mm.stop() == 0                                 # SIGTERM, --drain 10
+    stopped = time.monotonic() - asked
+    print(f"\nSIGTERM with the runner inside a 2 s delivery: stopped after {stopped:.1f} s")
+    assert stopped < 10
+    assert re.search(r"queue: [0-9A-F]+: 1 delivered", mm.log())
+    assert len(taken(first)) == 1
+    waiting = sorted((queue / "queued").glob("*.msg"))
+    assert len(waiting) == 2 and not list((queue / "queued").glob("*.env"))   # no attempt counted
+    again = start(second, [{}])
+    wait_until(lambda: len(taken(second)) == 2, 20, "the other two to be delivered")
+    delivered = sorted(without_received(m) for m in taken(first) + taken(second))
+    assert delivered == sorted(make_message(f"queued-{n}") for n in range(3))   # each once
