@@ -571,7 +571,7 @@ def refuse_unsafe_settings(path, st):
     --ssh).  /dev/null, which holds no settings, will do."""
     if stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3):
         return
-    shown = printable(path, 200)
+    shown = printable(os.fspath(path), 200)
     where = [(f"the settings file {shown}", st)]
     for directory in dict.fromkeys((os.path.dirname(os.path.abspath(path)),
                                     os.path.dirname(os.path.realpath(path)))):
