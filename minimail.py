@@ -61,7 +61,10 @@ Options:
                             replaces it and puts the client through the
                             new one; 0 turns this off. [default: 10]
   --idle-timeout=SECONDS    Close a client after this long without a byte
-                            in either direction; 0 means never.
+                            in either direction (or, in the queue, with
+                            its replies unread; its message must come
+                            within this plus 1 s for each 256 KiB the
+                            queue takes, see --max-size); 0 means never.
                             [default: 300]
   --max-clients=N           Clients served at once; more get 421.
                             [default: 100]
