@@ -2792,9 +2792,19 @@ class Reception:
         self.draft.write_envelope(self.envelope)
         self.draft.write(received_line(self.greeted_as, self.session.peer, self.receiver.hostname,
                                        self.draft.id, self.esmtp))
-        reader = DataReader()
+        if self.read_text(DataReader()) == "QUIT":
+            return "QUIT"
+        self.finish_message()
+        self.reset()
+        return None
+
+    def read_text(self, reader):
+        """Feed what follows DATA into the draft up to its final dot, which must
+        come within --idle-timeout plus a second for each DATA_RATE_LEAST bytes
+        of --max-size; "QUIT" when the session ends first."""
         settings = self.receiver.settings
-        allowed = settings.idle_timeout and settings.idle_timeout + settings.max_size / DATA_RATE_LEAST
+        allowed = settings.idle_timeout and \
+            settings.idle_timeout + settings.max_size / DATA_RATE_LEAST
         deadline = allowed and time.monotonic() + allowed
         while not reader.done:
             try:
@@ -2812,8 +2822,6 @@ class Reception:
             for piece in reader.feed(chunk):
                 self.draft.write(piece)
         self.reader.push_back(reader.leftover)
-        self.finish_message()
-        self.reset()
         return None
 
     def finish_message(self):
@@ -4470,7 +4478,8 @@ def parse_sendmail_flags(argv):
                 value, letters = letters or words.pop(0), ""
                 apply_sendmail_flag(flags, flag, value)
             else:
-                raise SendmailExit(EX_USAGE, f"unknown flag -{printable(flag, 10)} (see `minimail --help`, "
+                raise SendmailExit(EX_USAGE, f"unknown flag -{printable(flag, 10)} (see "
+                                             f"`minimail --help`, "
                                              f"The sendmail command)")
     return SendmailFlags(**flags), recipients
 
@@ -4493,7 +4502,8 @@ def apply_sendmail_flag(flags, flag, value):
         flags["body"] = value.upper()
     elif flag == "b":
         if value not in ("m", "p", "s", "i"):
-            raise SendmailExit(EX_USAGE, f"-b{printable(value, 100)} is not supported here (minimail's daemon "
+            raise SendmailExit(EX_USAGE, f"-b{printable(value, 100)} is not supported here "
+                                         f"(minimail's daemon "
                                          f"runs as `minimail start`)")
         flags["mode"] = value
     # the rest (-o..., -C, -L, -N, -R, -V, -X, -h, -O, -A, -p, -m, -n, -G, -U) mean nothing here
