@@ -4044,8 +4044,9 @@ class Daemon:
         self.forwarder.close()
         self.supervisor.close()              # clients still waiting get 421 at once
         self.forwarder.drain(self.settings.drain)
+        if self.runner is not None:          # its message under way is part of the drain
+            self.greenlets[1].join(timeout=max(0.0, drain_ends - time.monotonic()))
         for greenlet in self.greenlets[1:]:  # the queue runner: its mail stays queued
-            greenlet.join(timeout=max(0.0, drain_ends - time.monotonic()))
             greenlet.kill()
         self.supervisor.stop_all()
         self.supervisor.all_gone.wait(timeout=3 * STOP_GRACE + 1)
