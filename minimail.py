@@ -61,7 +61,10 @@ Options:
                             replaces it and puts the client through the
                             new one; 0 turns this off. [default: 10]
   --idle-timeout=SECONDS    Close a client after this long without a byte
-                            in either direction; 0 means never.
+                            in either direction (or, in the queue, with
+                            its replies unread; its message must come
+                            within this plus 1 s for each 256 KiB the
+                            queue takes, see --max-size); 0 means never.
                             [default: 300]
   --max-clients=N           Clients served at once; more get 421.
                             [default: 100]
@@ -296,6 +299,8 @@ BACKOFF_MAX = 60.0
 SLEEP_NOTICED = 3.0
 #: While a tunnel runs, the supervisor looks at the clocks at least this often.
 SLEEP_LOOK_EVERY = 5.0
+#: The longest an arriving client waits for the supervisor's step (it takes ms).
+ARRIVAL_WAIT = 1.0
 #: After a 421, how long minimail reads (and drops) what the client still sends,
 #: so that closing does not reset the connection before the reply arrives.
 REPLY_LINGER = 1.0
@@ -350,6 +355,10 @@ class UsageError(Exception):
 
 class Fatal(Exception):
     """minimail cannot run (e.g. the listen address is taken): exit status 1."""
+
+
+class SettingsRefused(UsageError):
+    """A settings file root must not read: one line, exit 2 (78 for sendmail)."""
 
 
 class TunnelUnavailable(Exception):
@@ -482,7 +491,7 @@ def split_argv(argv):
             continue
         name, equals, value = word.partition("=") if word.startswith("--") else (word[:2], "", word[2:])
         if name not in known:
-            raise UsageError(f"unknown option {name}")
+            raise UsageError(f"unknown option {printable(name, 100)}")
         canonical, takes_value = known[name]
         if takes_value and not (equals or value):
             value = next(words, None)
@@ -623,6 +632,8 @@ class SettingsFile:
     def read(cls, path):
         try:
             with open(path, "rb") as f:
+                if os.geteuid() == 0:
+                    refuse_unsafe_settings(path, os.fstat(f.fileno()))
                 text = f.read(SMALL_FILE_MAX + 1)
         except OSError as exc:
             raise UsageError(f"cannot read the settings file {path}: {exc.strerror}") from None
@@ -658,6 +669,28 @@ class SettingsFile:
     def listen(self):
         """Where the daemon listens, as the file's MINIMAIL_OPTIONS say."""
         return parse_listen(self.option("--listen") or "127.0.0.1:25")
+
+
+def refuse_unsafe_settings(path, st):
+    """As root, a settings file must be root's, and neither it nor its directory
+    writable by anyone else: it names commands root runs (--tunnel-command,
+    --ssh).  /dev/null, which holds no settings, will do."""
+    if stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3):
+        return
+    shown = printable(os.fspath(path), 200)
+    where = [(f"the settings file {shown}", st)]
+    for directory in dict.fromkeys((os.path.dirname(os.path.abspath(path)),
+                                    os.path.dirname(os.path.realpath(path)))):
+        where.append((f"the directory of the settings file {shown} ({printable(directory, 200)})",
+                      os.stat(directory)))
+    for what, st in where:
+        if st.st_uid != 0:
+            raise SettingsRefused(f"{what} belongs to {owner_name(st.st_uid)}, not root: root "
+                                  f"would run the commands it names; make it root's")
+        if st.st_mode & 0o022:
+            raise SettingsRefused(f"{what} may be written by others (mode "
+                                  f"{stat.S_IMODE(st.st_mode):04o}): root would run the "
+                                  f"commands it names; make it writable by root alone")
 
 
 class Settings:
@@ -978,6 +1011,7 @@ class Child:
         self.said = collections.deque(maxlen=STDERR_TAIL)   # its stderr, sanitized
         self.died = Event()             # set when it is gone: its sessions are too
         self.timers = []                # a stop's later steps
+        self.far = Flow()               # bytes the far side sent through it, to anyone
 
     @property
     def announces_up(self):
@@ -1037,12 +1071,16 @@ class Child:
         """Begin to stop, and return at once.  Gently: close ssh's stdin (which
         ends the remote `cat` and ssh with it), SIGTERM the group after a grace,
         SIGKILL it after another.  Otherwise (a stale tunnel, whose ssh would
-        wait for its frozen server forever) SIGTERM at once."""
+        wait for its frozen server forever) SIGTERM at once.  A child already
+        reaped (its watcher still waits for its stderr) gets no signal and no
+        timer: its process group may be someone else's by now."""
         from gevent import spawn_later
         if self.stop_reason is not None:
             return
         self.stop_reason = reason
         self.forget_endpoint()          # no new client reaches a dying tunnel
+        if self.returncode is not None:
+            return
         steps = [lambda: signal_group(self.pid, signal.SIGTERM),
                  lambda: signal_group(self.pid, signal.SIGKILL)]
         if gentle and self.session:
@@ -1055,7 +1093,7 @@ class Child:
         tell the supervisor."""
         from gevent import spawn
         reader = spawn(self.read_stderr)
-        self.returncode = self.proc.wait()
+        self.returncode = self.proc.wait()         # from now on stop() sets no timer
         signal_group(self.pid, signal.SIGKILL)     # grandchildren die with it
         for timer in self.timers:
             timer.kill()
@@ -1134,6 +1172,7 @@ class Supervisor:
         self.wake = Event()
         self.alarm, self.alarm_at = get_hub().loop.timer(0), None   # see set_alarm
         self.changed = Event()
+        self.stepped = Event()            # set (and replaced) after each of its steps
         self.all_gone = Event()           # set when closing and no child is left
 
     # -- what others see and post -------------------------------------------
@@ -1157,6 +1196,21 @@ class Supervisor:
         child = self.child
         if child is None or child.phase is not Phase.UP or self.sleep_watch.slept_since():
             self.wake.set()
+
+    def visit(self):
+        """The one way for a client (a session, the queue runner, `check`) to use
+        the tunnel: `with supervisor.visit() as tunnel: tunnel.connect(...)`."""
+        return Visit(self)
+
+    def arrive(self):
+        """arrived(), and when the supervisor has something to judge first (no
+        tunnel up, or the machine slept), let it step before the client goes on:
+        the first client after a suspend connects on its verdict on the old
+        tunnel, not on the state from before."""
+        stepped = self.stepped
+        self.arrived()
+        if self.wake.is_set():
+            stepped.wait(timeout=ARRIVAL_WAIT)
 
     def left(self):
         """A client is done with the tunnel; the last one starts the countdown.
@@ -1249,6 +1303,8 @@ class Supervisor:
                 while self.inbox:
                     self.take(self.inbox.popleft(), now)
                 self.set_alarm(self.step(now), now)
+                stepped, self.stepped = self.stepped, type(self.stepped)()
+                stepped.set()
                 self.wake.wait()
         finally:
             self.alarm.close()
@@ -1423,6 +1479,24 @@ class Supervisor:
         self.on_change()
 
 
+class Visit:
+    """One client's use of the tunnel, from its arrival to its leaving (see
+    Supervisor.visit): connect() as often as it needs in between."""
+
+    def __init__(self, supervisor):
+        self.supervisor = supervisor
+
+    def __enter__(self):
+        self.supervisor.arrive()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.supervisor.left()
+
+    def connect(self, wait, exclude=None, abandoned=None):
+        return self.supervisor.connect(wait, exclude, abandoned)
+
+
 def wall_clock(moment, now):
     """A monotonic moment as seconds since the epoch (None stays None)."""
     return None if moment is None else time.time() - (now - moment)
@@ -1503,7 +1577,7 @@ class Flow:
         self.count = 0
 
 
-def splice_through_pipe(src, dst, flow, pool, ready=False):
+def splice_through_pipe(src, dst, flow, pool, ready=False, far=None):
     """Move src to dst until src ends, through a pipe with splice(2): the bytes
     never enter Python.  Returns AT_END, or the socket error that ended the
     copy.  The caller passes end-of-stream on.
@@ -1511,7 +1585,8 @@ def splice_through_pipe(src, dst, flow, pool, ready=False):
     After a chunk that filled the pipe it reads again before it waits, so a bulk
     transfer seldom goes round the event loop (but after YIELD_EVERY chunks in a
     row it waits all the same, to give other clients their turn); with ready,
-    it reads before it first waits too (bytes are known to wait)."""
+    it reads before it first waits too (bytes are known to wait).  Bytes from
+    the far side count on its child's `far` too."""
     from gevent import get_hub
     hub = get_hub()
     readable = hub.loop.io(src.fileno(), READ)
@@ -1540,6 +1615,8 @@ def splice_through_pipe(src, dst, flow, pool, ready=False):
                     return AT_END
                 if count != NOTHING_WAITING:
                     flow.count += count
+                    if far is not None:
+                        far.count += count
                     in_a_row += 1
                 if count != CHUNK_SIZE or in_a_row >= YIELD_EVERY:
                     in_a_row = 0
@@ -1565,7 +1642,7 @@ def move_through(pipe, src_fd, writable, hub):
     return count
 
 
-def splice_through_buffer(src, dst, flow, pool, ready=False):
+def splice_through_buffer(src, dst, flow, pool, ready=False, far=None):
     """splice_through_pipe's twin for systems without splice(2): recv_into a
     pooled buffer, then sendall."""
     from gevent import get_hub
@@ -1586,6 +1663,8 @@ def splice_through_buffer(src, dst, flow, pool, ready=False):
             if not count:
                 return AT_END
             flow.count += count
+            if far is not None:
+                far.count += count
     except OSError as exc:
         return exc
     finally:
@@ -1601,14 +1680,6 @@ def shutdown_write(sock):
         sock.shutdown(socket.SHUT_WR)
     except OSError:
         pass
-
-
-def hung_up(sock):
-    """True if the peer closed its end entirely, not just half-closed it (POLLHUP:
-    a Unix socket shows it; ssh closes a channel that DESTINATION refused)."""
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
-    return any(event & select.POLLHUP for _, event in poller.poll(0))
 
 
 def peek(sock):
@@ -1696,9 +1767,8 @@ MOVES_MAX = 2
 FD_WARN_EVERY = 10.0
 #: When this many clients were here at once and all have gone, memory goes back.
 CROWD = 200
-#: Clients arriving within this many seconds share one count of the far side's
-#: bytes as the start of their stale-tunnel check.
-FAR_BYTES_FRESH = 0.1
+#: After the drain's cut, a session inside a commit gets this long to answer it.
+COMMIT_GRACE = 3.0
 
 
 class Session:
@@ -1717,6 +1787,8 @@ class Session:
         self.movable = True      # kept holds all of it (at most REPLAY_LIMIT)
         self.client_ended = False  # the client half-closed before the far side spoke
         self.outcome = None      # why it ended, if not simply at the end of both streams
+        self.held = False        # a commit is under way: a cut waits for its reply
+        self.cut_waiting = None  # a cut asked for meanwhile
 
     def end(self, outcome):
         """Record why the session ended; the first reason stays."""
@@ -1726,7 +1798,11 @@ class Session:
     def cut(self, outcome):
         """End the session from outside its copies (idle, the tunnel died, the
         drain ran out): shutting both sockets down wakes the copies wherever
-        they wait, and they end as at end-of-stream."""
+        they wait, and they end as at end-of-stream.  While a commit is under
+        way (held), the cut waits until its reply has gone out."""
+        if self.held:
+            self.cut_waiting = self.cut_waiting or outcome
+            return
         self.end(outcome)
         for sock in (self.client, self.upstream):
             if sock is not None:
@@ -1734,6 +1810,20 @@ class Session:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def hold(self):
+        """A commit begins: the mail will be queued, and the client must hear so."""
+        self.held = True
+
+    def release(self, say):
+        """The commit is over: say() sends its reply, then a cut that waited comes."""
+        self.held = False
+        if self.cut_waiting is not None:
+            try:
+                say()
+            except OSError:
+                pass
+            self.cut(self.cut_waiting)
 
     def attach(self, upstream, child):
         """Go through this connection: close the one before, replay what the
@@ -1785,8 +1875,6 @@ class Forwarder:
         self.served = 0                     # clients served since the start
         self.bytes_from_clients = 0         # of sessions that have ended
         self.bytes_to_clients = 0
-        self.heard = collections.Counter()  # far-side bytes of ended sessions, per child
-        self.far_bytes_seen = {}            # child -> (when, far_bytes) for a crowd
         self.pool = PipePool() if splice is splice_through_pipe else BufferPool()
         self.buffers = BufferPool()         # when no descriptor is left for a pipe
         self.started_at = time.time()       # wall clock, for status
@@ -1840,8 +1928,6 @@ class Forwarder:
             session.log()
             self.bytes_from_clients += session.sent.count
             self.bytes_to_clients += session.received.count
-            if session.child is not None:
-                self.heard[session.child] += session.received.count
             self.on_change()
 
     def forward(self, session):
@@ -1856,39 +1942,39 @@ class Forwarder:
         self.on_change()
         if session.client.family != socket.AF_UNIX:
             session.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        warm = self.supervisor.phase is Phase.UP        # as the client found it
-        self.supervisor.arrived()
-        try:
-            self.pass_through(session, warm)
-            return
-        except TunnelUnavailable as exc:
-            why = str(exc)
-        except OutOfDescriptors:
-            session.end("421: out of file descriptors")
-            session.received.count += reply(session.client, "421 4.3.2 minimail: too busy (out "
-                                                            "of file descriptors), try again later")
-            return
-        except ClientGone:
-            session.end("client left before the tunnel was up")
-            return
-        finally:
-            session.close_upstream()
-            self.supervisor.left()          # a queue session is no tunnel client
+        with self.supervisor.visit() as tunnel:   # left before the queue serves it
+            warm = self.supervisor.phase is Phase.UP    # as the client found it
+            try:
+                self.pass_through(session, tunnel, warm)
+                return
+            except TunnelUnavailable as exc:
+                why = str(exc)
+            except OutOfDescriptors:
+                session.end("421: out of file descriptors")
+                session.received.count += reply(session.client, "421 4.3.2 minimail: too busy "
+                                                "(out of file descriptors), try again later")
+                return
+            except ClientGone:
+                session.end("client left before the tunnel was up")
+                return
+            finally:
+                session.close_upstream()
+        session.child = None                # what the client gets now is no far side's
         if self.receiver is not None and session.movable and not self.closing:
             self.receiver.serve(session, why)
         else:
             session.end(f"421: {why}")
             session.received.count += reply(session.client, f"421 4.4.0 minimail: {why}")
 
-    def connect(self, session, exclude=None):
-        return self.supervisor.connect(self.settings.wait, exclude,
-                                       abandoned=lambda: peek(session.client) == b"")
+    def connect(self, session, tunnel, exclude=None):
+        return tunnel.connect(self.settings.wait, exclude,
+                              abandoned=lambda: peek(session.client) == b"")
 
-    def pass_through(self, session, warm):
+    def pass_through(self, session, tunnel, warm):
         """Connect through the tunnel, wait for the far side's first word (moving
         the client to a fresh tunnel if the first one is stale or ends before
         that), then splice the two together."""
-        session.attach(*self.connect(session))
+        session.attach(*self.connect(session, tunnel))
         for moves in range(MOVES_MAX + 1):
             result = self.await_greeting(session, warm and moves == 0)
             if result in (Greeting.HEARD, Greeting.TOO_MUCH):
@@ -1902,7 +1988,7 @@ class Forwarder:
             stale = session.child
             if result is Greeting.STALE:
                 self.supervisor.report_stale(stale)
-            session.attach(*self.connect(session, exclude=stale))
+            session.attach(*self.connect(session, tunnel, exclude=stale))
             log.info("client %s: moved from tunnel %d (%s) to %d, %d bytes replayed",
                      session.peer, stale.pid, result.value, session.child.pid, len(session.kept))
         self.splice_pair(session)
@@ -1910,15 +1996,16 @@ class Forwarder:
     def await_greeting(self, session, warm):
         """Wait for the far side's first byte, passing on (and keeping a copy of)
         what the client sends meanwhile.  Through a warm tunnel the far side
-        must speak within --greeting-wait, unless the tunnel carried bytes for
-        someone else meanwhile (a slow server is not a dead tunnel)."""
+        must speak within --greeting-wait, unless the far side sent bytes through
+        that child meanwhile, to anyone (a slow server is not a dead tunnel):
+        counted on the child as they are copied, never cached."""
         client, upstream, child = session.client, session.upstream, session.child
         if peek(upstream):                          # it has spoken already (a crowd)
             return Greeting.HEARD
         settings, now = self.settings, time.monotonic()
         stale_at = now + settings.greeting_wait if warm and settings.greeting_wait else None
         idle_at = now + settings.idle_timeout if settings.idle_timeout else None
-        heard = self.far_bytes(child, cached=True) if stale_at else 0
+        heard = child.far.count
         watched = [upstream] if session.client_ended else [upstream, client]
         while True:
             wake_at = earliest(stale_at, idle_at)
@@ -1936,14 +2023,16 @@ class Forwarder:
                 continue
             now = time.monotonic()
             if stale_at is not None and now >= stale_at:
-                if self.far_bytes(child) == heard:
+                if child.far.count == heard:
                     return Greeting.STALE
                 stale_at = None                     # slow, but alive: wait on
             if idle_at is not None and now >= idle_at:
                 return Greeting.IDLE
 
     def first_word(self, session):
-        """The far side's end is readable: bytes, a half-close, or a tunnel gone."""
+        """The far side's end is readable: bytes, or an end before any byte: a
+        tunnel gone, the far side's answer to the client's half-close, or else
+        (a Unix socket or TCP alike) a far side that closed without a word."""
         try:
             first = session.upstream.recv(1, socket.MSG_PEEK)    # readable: no wait
         except OSError:
@@ -1952,10 +2041,10 @@ class Forwarder:
             return Greeting.HEARD
         if session.child.gone():
             return Greeting.GONE
-        if hung_up(session.upstream) and not session.client_ended:
+        if not session.client_ended:     # over TCP too, where a close sets no POLLHUP
             raise TunnelUnavailable("the far side closed the connection without a word "
                                     "(is --remote right?)")
-        return Greeting.HEARD                       # a half-close: pass it on
+        return Greeting.HEARD                       # after the client's half-close: pass it on
 
     def take_early_bytes(self, session):
         """Pass on what the client sent before the far side spoke, keeping a copy."""
@@ -1976,18 +2065,6 @@ class Forwarder:
             pass                  # the tunnel is going: the wait for the far side tells
         return None if session.movable else Greeting.TOO_MUCH
 
-    def far_bytes(self, child, cached=False):
-        """Bytes the far side has sent through this child, for everyone.  A crowd
-        arriving at once shares one count (cached for FAR_BYTES_FRESH seconds):
-        counting for each of them would cost the square of their number."""
-        now = time.monotonic()
-        counted_at, count = self.far_bytes_seen.get(child, (None, 0))
-        if not cached or counted_at is None or now - counted_at > FAR_BYTES_FRESH:
-            count = self.heard[child] + sum(s.received.count for s in self.sessions
-                                            if s.child is child)
-            self.far_bytes_seen[child] = (now, count)
-        return count
-
     def splice_pair(self, session):
         """Copy both ways until both directions end, one fails, the tunnel dies
         under them, or the session idles too long.  This greenlet copies from the
@@ -1999,7 +2076,8 @@ class Forwarder:
         died, ended = session.child.died, self.tunnel_ended(session)
         died.rawlink(ended)
         try:
-            result = self.copy(session.upstream, session.client, session.received, ready=True)
+            result = self.copy(session.upstream, session.client, session.received, ready=True,
+                               far=session.child.far)
             if result is AT_END:
                 shutdown_write(session.client)
             else:
@@ -2012,12 +2090,12 @@ class Forwarder:
             if up is not None:
                 up.kill()
 
-    def copy(self, src, dst, flow, ready=False):
+    def copy(self, src, dst, flow, ready=False, far=None):
         """splice(2) through a pooled pipe; through a buffer once no descriptor
         is left for a pipe (nothing has been read then: the copy goes on)."""
-        result = splice(src, dst, flow, self.pool, ready)
+        result = splice(src, dst, flow, self.pool, ready, far)
         if out_of_descriptors(result):
-            result = splice_through_buffer(src, dst, flow, self.buffers, ready)
+            result = splice_through_buffer(src, dst, flow, self.buffers, ready, far)
         return result
 
     def copy_up(self, session):
@@ -2046,8 +2124,6 @@ class Forwarder:
             if self.supervisor.phase is Phase.DOWN and not self.sessions:
                 self.pool.empty()
                 self.buffers.empty()
-                self.heard.clear()
-                self.far_bytes_seen.clear()
             changed.wait()
 
     def close(self):
@@ -2063,9 +2139,14 @@ class Forwarder:
         self.cut_all(f"cut: the drain of {seconds:g} s ran out")
 
     def cut_all(self, outcome):
+        """Cut every session; one inside a commit first answers it (COMMIT_GRACE)."""
+        from gevent import sleep
         for session in list(self.sessions):
             session.cut(outcome)
         self.handlers.join(timeout=1)
+        deadline = time.monotonic() + COMMIT_GRACE
+        while any(s.held for s in self.sessions) and time.monotonic() < deadline:
+            sleep(0.02)
         self.handlers.kill(block=True, timeout=1)
         if self.keeper is not None:
             self.keeper.kill()
@@ -2413,6 +2494,14 @@ RETRY_MAX = 3600.0
 DRAFT_IN_MEMORY = 1024 * 1024
 #: A line of DATA without CRLF is passed on in pieces once it is this long.
 DATA_LINE_PIECE = 64 * 1024
+#: DATA must be done within --idle-timeout plus a second for this many bytes of
+#: --max-size (500 s by default): a local client sends megabytes a second, and
+#: one that trickles a byte now and then no longer holds its slot for ever.
+DATA_RATE_LEAST = 256 * 1024
+#: Replies the receiver keeps for a client before it waits for the client to
+#: read them (and reads nothing from it meanwhile): a client that pipelines
+#: and never reads costs this much, not all it asked for.
+REPLIES_PENDING_MAX = 16 * 1024
 #: How much of a message's header the bounce quotes.
 HEADER_QUOTE_MAX = 64 * 1024
 #: Where the spool keeps what (subdirectories of --queue).
@@ -2889,7 +2978,7 @@ class LineReader:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise socket.timeout("timed out")
-            self.sock.settimeout(left)
+            self.sock.settimeout(left if self.idle is None else min(left, self.idle))
         chunk = self.sock.recv(65536)
         self.flow.count += len(chunk)
         self.buffer += chunk
@@ -2917,9 +3006,10 @@ class LineReader:
     def has_line(self):
         return b"\n" in self.buffer
 
-    def read_some(self):
-        """What is buffered, or else the next chunk from the client (b"" at its end)."""
-        if not self.buffer and not self.fill():
+    def read_some(self, deadline=None):
+        """What is buffered, or else the next chunk from the client (b"" at its end),
+        within `idle` and the deadline."""
+        if not self.buffer and not self.fill(deadline):
             return b""
         data = bytes(self.buffer)
         self.buffer.clear()
@@ -2991,7 +3081,8 @@ class Reception:
         self.session = session
         self.reader = LineReader(session.client, session.kept, session.sent,
                                  receiver.settings.idle_timeout)
-        self.out = []
+        self.out, self.out_size = [], 0
+        self.stalled = False             # the client did not read its replies in time
         self.greeted_as = None           # the client's EHLO or HELO name
         self.esmtp = False
         self.queued = 0
@@ -3007,18 +3098,27 @@ class Reception:
 
     def send(self, *lines):
         for line in lines:
-            self.out.append(smtp_reply_line(line))
+            data = smtp_reply_line(line)
+            self.out.append(data)
+            self.out_size += len(data)
+        if self.out_size > REPLIES_PENDING_MAX:
+            self.flush()                 # a pipelining client must read to go on
 
     def flush(self):
         """Send the replies so far: most often in one send(2) (a reply is small
-        and the socket's buffer empty), so no timer is set for it."""
-        if self.out:
+        and the socket's buffer empty), so no timer is set for it.  A client
+        that reads none of them within --idle-timeout is cut (socket.timeout)."""
+        if self.out and not self.stalled:
             data, client = b"".join(self.out), self.session.client
-            self.out = []
+            self.out, self.out_size = [], 0
             client.settimeout(self.reader.idle)
-            sent = client.send(data)
-            if sent < len(data):
-                client.sendall(data[sent:])
+            try:
+                sent = client.send(data)
+                if sent < len(data):
+                    client.sendall(data[sent:])
+            except socket.timeout:
+                self.stalled = True
+                raise
             self.session.received.count += len(data)
 
     def run(self):
@@ -3038,8 +3138,10 @@ class Reception:
                 if self.command(line) == "QUIT":
                     return
         except (socket.timeout, Timeout):
+            idle = self.receiver.settings.idle_timeout
             self.send("421 4.4.2 minimail: idle too long, closing")
-            self.outcome = f"closed: idle for {self.receiver.settings.idle_timeout:g} s"
+            self.outcome = f"closed: {'its replies went unread' if self.stalled else 'idle'} " \
+                           f"for {idle:g} s"
         finally:
             try:
                 self.flush()
@@ -3134,17 +3236,36 @@ class Reception:
         self.draft.write_envelope(self.envelope)
         self.draft.write(received_line(self.greeted_as, self.session.peer, self.receiver.hostname,
                                        self.draft.id, self.esmtp))
-        reader = DataReader()
+        if self.read_text(DataReader()) == "QUIT":
+            return "QUIT"
+        self.finish_message()
+        self.reset()
+        return None
+
+    def read_text(self, reader):
+        """Feed what follows DATA into the draft up to its final dot, which must
+        come within --idle-timeout plus a second for each DATA_RATE_LEAST bytes
+        of --max-size; "QUIT" when the session ends first."""
+        settings = self.receiver.settings
+        allowed = settings.idle_timeout and \
+            settings.idle_timeout + settings.max_size / DATA_RATE_LEAST
+        deadline = allowed and time.monotonic() + allowed
         while not reader.done:
-            chunk = self.reader.read_some()
+            try:
+                chunk = self.reader.read_some(deadline or None)
+            except socket.timeout:
+                if not deadline or time.monotonic() < deadline:
+                    raise                    # idle
+                self.send(f"421 4.4.2 minimail: the message did not arrive within {allowed:g} s, "
+                          f"closing")
+                self.outcome = f"closed: DATA not done within {allowed:g} s"
+                return "QUIT"
             if not chunk:
                 self.outcome = "the client left in the middle of DATA"
                 return "QUIT"
             for piece in reader.feed(chunk):
                 self.draft.write(piece)
         self.reader.push_back(reader.leftover)
-        self.finish_message()
-        self.reset()
         return None
 
     def finish_message(self):
@@ -3159,6 +3280,13 @@ class Reception:
         envelope = self.envelope
         envelope.size = draft.size
         envelope.body = envelope.body or ("8BITMIME" if draft.eight_bit else None)
+        self.session.hold()                  # a drain's cut waits for the reply
+        try:
+            self.commit(draft, envelope)
+        finally:
+            self.session.release(self.flush)
+
+    def commit(self, draft, envelope):
         try:
             in_thread(self.receiver.spool.commit, draft)
         except OSError as exc:
@@ -3207,6 +3335,30 @@ def address_refusal(address, smtputf8, status, role):
     if not address.isprintable() or "<" in address or ">" in address:
         return f"553 {status} the {role} address holds a control character, < or >"
     return None
+
+
+class CountedReads:
+    """The runner's connection through a child: what it reads counts as the far
+    side's bytes on that child (as a session's copy counts them), so the stale
+    check sees a tunnel that carries the queue alive.  The rest is the socket's."""
+
+    def __init__(self, sock, flow):
+        self.sock = sock
+        self.flow = flow
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+    def recv(self, size, flags=0):
+        data = self.sock.recv(size, flags)
+        if not flags & socket.MSG_PEEK:           # a look (peek()) is no byte read
+            self.flow.count += len(data)
+        return data
+
+    def recv_into(self, *args):
+        count = self.sock.recv_into(*args)
+        self.flow.count += count
+        return count
 
 
 def parse_path(keyword, argument):
@@ -3491,6 +3643,7 @@ class QueueRunner:
         self.wake_at = None               # when the runner's timer rings (None: it does not)
         self.everything = True            # deliver all, not only what is due
         self.delivering = False
+        self.stopping = False             # minimail stops: end after the current message
         self.cleaned_at = 0.0
 
     # -- what others tell it -------------------------------------------------
@@ -3508,6 +3661,12 @@ class QueueRunner:
         log.info("queue: flush: %d message(s) to deliver", len(self.waiting))
         self.supervisor.flush()
         self.everything = True
+        self.wake.set()
+
+    def stop(self):
+        """minimail is stopping: finish the message under way (the drain waits
+        for it), then end; the rest stay queued as they are, no attempt counted."""
+        self.stopping = True
         self.wake.set()
 
     def tunnel_up(self):
@@ -3536,7 +3695,7 @@ class QueueRunner:
         if self.waiting:
             log.info("queue: %d message(s) waiting in %s", len(self.waiting), self.spool.root)
         self.on_change()
-        while True:
+        while not self.stopping:
             self.wake.clear()
             now = time.time()
             self.expire(now)
@@ -3554,32 +3713,35 @@ class QueueRunner:
     def deliver(self, envelopes):
         """One connection through the tunnel for all these messages."""
         self.delivering = True
-        self.supervisor.arrived()
         try:
-            try:
-                upstream, _child = self.supervisor.connect(self.settings.wait)
-            except (TunnelUnavailable, OutOfDescriptors) as exc:
-                for envelope in envelopes:
-                    self.defer(envelope, f"the tunnel cannot be had: {exc}")
-                return
-            smtp = Hoster(upstream, self.hostname)
-            left = list(envelopes)
-            try:
-                smtp.greet()
-                while left:
-                    self.deliver_one(smtp, left[0])
-                    left.pop(0)
-                smtp.quit()
-            except (DialogueFailed, OSError) as exc:
-                if isinstance(exc, DialogueFailed):      # its text names steps and codes only
-                    log.warning("queue: the dialogue with the hoster ended: %s", exc)
-                for envelope in left:
-                    self.defer(envelope, f"the connection to the hoster failed: {smtp_error(exc)}")
-            finally:
-                upstream.close()
+            with self.supervisor.visit() as tunnel:
+                self.deliver_through(tunnel, envelopes)
         finally:
-            self.supervisor.left()
             self.delivering = False
+
+    def deliver_through(self, tunnel, envelopes):
+        try:
+            upstream, child = tunnel.connect(self.settings.wait)
+        except (TunnelUnavailable, OutOfDescriptors) as exc:
+            for envelope in envelopes if not self.stopping else ():
+                self.defer(envelope, f"the tunnel cannot be had: {exc}")
+            return
+        upstream = CountedReads(upstream, child.far)    # its replies show the tunnel alive
+        smtp = Hoster(upstream, self.hostname)
+        left = list(envelopes)
+        try:
+            smtp.greet()
+            while left and not self.stopping:
+                self.deliver_one(smtp, left[0])
+                left.pop(0)
+            smtp.quit()
+        except (DialogueFailed, OSError) as exc:
+            if isinstance(exc, DialogueFailed):      # its text names steps and codes only
+                log.warning("queue: the dialogue with the hoster ended: %s", exc)
+            for envelope in left if not self.stopping else left[:1]:
+                self.defer(envelope, f"the connection to the hoster failed: {smtp_error(exc)}")
+        finally:
+            upstream.close()
 
     def deliver_one(self, smtp, envelope):
         """One transaction: each recipient ends delivered, deferred or failed."""
@@ -4089,7 +4251,9 @@ def note_sighup(_signum=None, _frame=None):
 class PidFile:
     """The daemon's pid file, locked (flock) for as long as the daemon runs:
     a second daemon with the same pid file cannot start, and `stop` believes
-    only the process that holds the lock."""
+    only the process that holds the lock.  It is 0600: a lock can be taken by
+    anyone who can open the file, and another user holding it (after a kill -9)
+    would keep minimail from starting."""
 
     def __init__(self, path):
         self.path = path
@@ -4100,7 +4264,8 @@ class PidFile:
         daemon's; O_CLOEXEC, so the tunnel does not inherit it)."""
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(self.path, flags, 0o644)
+            fd = os.open(self.path, flags, 0o600)
+            os.fchmod(fd, 0o600)             # one left by an older minimail was 0644
         except OSError as exc:
             raise Fatal(f"cannot open the pid file {self.path}: {exc.strerror}") from None
         try:
@@ -4565,9 +4730,16 @@ class Daemon:
         return 1 if failed else 0
 
     def shut_down(self):
+        """Stop accepting; let sessions and the runner's message under way end
+        within the drain; cut what is left; stop the tunnel."""
+        drain_ends = time.monotonic() + self.settings.drain
+        if self.runner is not None:
+            self.runner.stop()
         self.forwarder.close()
         self.supervisor.close()              # clients still waiting get 421 at once
         self.forwarder.drain(self.settings.drain)
+        if self.runner is not None:          # its message under way is part of the drain
+            self.greenlets[1].join(timeout=max(0.0, drain_ends - time.monotonic()))
         for greenlet in self.greenlets[1:]:  # the queue runner: its mail stays queued
             greenlet.kill()
         self.supervisor.stop_all()
@@ -4666,6 +4838,10 @@ def status(pidfile, as_json, queue=None):
         print(json.dumps({"running": bool(pid), "pid": pid, **state, "maildrop": dropped},
                          indent=1))
         return 0 if pid else 3
+    if pid is not None and not os.access(pidfile, os.R_OK):
+        print(f"minimail is running (pid {pid}); the rest is for its user and root: "
+              f"try sudo minimail status")
+        return 0
     lines = ["minimail is not running"] if pid is None else describe_status(pid, state)
     if dropped:
         lines.append(describe_maildrop(queue, dropped, "taken in within a minute, or on flush"
@@ -4860,11 +5036,10 @@ def check(settings, settings_file, invoker=None):
     tunnel_dir = make_tunnel_dir(None)
     supervisor = Supervisor(settings, lambda n: os.path.join(tunnel_dir, f"tunnel-{n}.sock"))
     running = spawn(supervisor.run)
-    supervisor.arrived()
     try:
-        greeted = try_the_tunnel(supervisor, settings)
+        with supervisor.visit() as tunnel:
+            greeted = try_the_tunnel(supervisor, tunnel, settings)
     finally:
-        supervisor.left()
         supervisor.stop_all()
         supervisor.all_gone.wait(timeout=3 * STOP_GRACE + 1)
         running.kill()
@@ -4880,13 +5055,13 @@ def check(settings, settings_file, invoker=None):
     return 1
 
 
-def try_the_tunnel(supervisor, settings):
+def try_the_tunnel(supervisor, tunnel, settings):
     """Connect through the tunnel and read the greeting: True if it is SMTP's,
     False if not, None if the tunnel did not come up."""
     from gevent import sleep
     started = time.monotonic()
     try:
-        upstream, child = supervisor.connect(settings.wait)
+        upstream, child = tunnel.connect(settings.wait)
     except TunnelUnavailable as exc:
         explain_tunnel_failure(supervisor.last_child, exc, settings)
         return None
@@ -5389,11 +5564,12 @@ def parse_sendmail_flags(argv):
                 flags["mode"], letters = "q", ""        # -q takes an optional attached value
             elif flag in SENDMAIL_VALUE_FLAGS:
                 if not letters and not words:
-                    raise SendmailExit(EX_USAGE, f"-{flag} needs a value")
+                    raise SendmailExit(EX_USAGE, f"-{printable(flag, 10)} needs a value")
                 value, letters = letters or words.pop(0), ""
                 apply_sendmail_flag(flags, flag, value)
             else:
-                raise SendmailExit(EX_USAGE, f"unknown flag -{flag} (see `minimail --help`, "
+                raise SendmailExit(EX_USAGE, f"unknown flag -{printable(flag, 10)} (see "
+                                             f"`minimail --help`, "
                                              f"The sendmail command)")
     return SendmailFlags(**flags), [a for word in recipients for a in split_addresses(word)]
 
@@ -5435,11 +5611,13 @@ def apply_sendmail_flag(flags, flag, value):
         flags["full_name"] = value
     elif flag == "B":
         if value.upper() not in ("8BITMIME", "7BIT"):
-            raise SendmailExit(EX_USAGE, f"-B {value}: the body type is 8BITMIME or 7BIT")
+            raise SendmailExit(EX_USAGE, f"-B {printable(value, 100)}: the body type is 8BITMIME "
+                                         f"or 7BIT")
         flags["body"] = value.upper()
     elif flag == "b":
         if value not in ("m", "p", "s", "i"):
-            raise SendmailExit(EX_USAGE, f"-b{value} is not supported here (minimail's daemon "
+            raise SendmailExit(EX_USAGE, f"-b{printable(value, 100)} is not supported here "
+                                         f"(minimail's daemon "
                                          f"runs as `minimail start`)")
         flags["mode"] = value
     # the rest (-o..., -C, -L, -N, -R, -V, -X, -h, -O, -A, -p, -m, -n, -G, -U) mean nothing here
@@ -5471,6 +5649,8 @@ def sendmail_main(argv):
         return EX_UNAVAILABLE
     except KeyboardInterrupt:
         return EX_TEMPFAIL
+    except BrokenPipeError:          # mailq | head: main() ends quietly
+        raise
     except Exception as exc:         # never a traceback into cron's mail: one line
         print(f"minimail: internal error: {type(exc).__name__}: {printable(str(exc), 200)}",
               file=sys.stderr)
@@ -6230,7 +6410,20 @@ def docopt_usage():
 
 
 def main(argv=None):
-    """Run minimail; return its exit status."""
+    """Run minimail; return its exit status.  A reader that goes away early
+    (`minimail queue | head -1`) ends it quietly, as it does other Unix tools:
+    no traceback, the status of a process that SIGPIPE ended."""
+    try:
+        status = run_command(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # nothing left to flush
+        return 128 + signal.SIGPIPE
+    return status
+
+
+def run_command(argv):
+    """main() without its care for a closed standard output."""
     name = os.path.basename(sys.argv[0]) if argv is None else "minimail"
     argv = sys.argv[1:] if argv is None else list(argv)
     if name == "sendmail":
@@ -6245,6 +6438,9 @@ def main(argv=None):
     try:
         argv, settings_file = with_settings_file(argv)
         args = docopt(__doc__, argv, version=f"minimail {__version__}")
+    except SettingsRefused as exc:
+        print(f"minimail: {exc}", file=sys.stderr)
+        return 2
     except UsageError as exc:
         print(f"minimail: {exc}", docopt_usage(), "Try 'minimail --help'.", sep="\n", file=sys.stderr)
         return 2
