@@ -2108,9 +2108,20 @@ def write_durably(path, data):
 
 
 def in_thread(function, *args):
-    """Run a blocking file operation (fsync) in the hub's thread pool."""
+    """Run a blocking file operation (fsync) in the hub's thread pool; its
+    exception is raised here (gevent would also print its traceback: a full
+    disk is an outcome to log in one line, not a crash)."""
     from gevent import get_hub
-    return get_hub().threadpool.apply(function, args)
+
+    def carried():
+        try:
+            return function(*args), None
+        except Exception as exc:              # carried over to the caller, raised there
+            return None, exc
+    result, error = get_hub().threadpool.apply(carried)
+    if error is not None:
+        raise error
+    return result
 
 
 class Envelope:
@@ -3180,10 +3191,10 @@ class QueueRunner:
         except OSError as exc:
             return OUT_OF_SPACE, f"cannot see the free space on the queue's disk: {exc.strerror}"
         if spare_bytes < to_write or (spare_inodes is not None and spare_inodes < 1):
-            return OUT_OF_SPACE, ("No space left on device: the queue keeps the last "
-                                  f"{RESERVE_SHARE:.0%} of its disk ({RESERVE_BYTES[0] >> 10} KiB "
-                                  f"to {RESERVE_BYTES[1] >> 20} MiB, {RESERVE_INODES[0]} to "
-                                  f"{RESERVE_INODES[1]} inodes) for its own writes")
+            return OUT_OF_SPACE, ("No space left on device for new mail (the queue keeps the "
+                                  f"last {RESERVE_SHARE:.0%} of its disk, {RESERVE_BYTES[0] >> 10} "
+                                  f"KiB to {RESERVE_BYTES[1] >> 20} MiB and {RESERVE_INODES[0]} to "
+                                  f"{RESERVE_INODES[1]} inodes, for its own writes)")
         return None
 
     def describe(self):
