@@ -3325,6 +3325,7 @@ class QueueRunner:
         codes = sorted({code for code, _ in results.values()})
         log.info("queue: %s: %d delivered, %d deferred, %d refused (%s)", envelope.id,
                  len(delivered), len(deferred), len(failed), ", ".join(map(str, codes)))
+        envelope.recipients = [r for r in envelope.recipients if r not in delivered]  # never again
         if failed and not self.bounce(envelope, failed, expired=False):
             deferred += [recipient for recipient, _ in failed]
         self.finish(envelope, deferred, results[deferred[0]][1] if deferred else None)
@@ -3434,8 +3435,15 @@ class QueueRunner:
                      envelope.id)
             envelope.failures += noted
             return True
-        with self.spool.open_message(envelope) as message:
-            header = read_header(message)
+        try:
+            with self.spool.open_message(envelope) as message:
+                header = read_header(message)
+        except MessageGone:
+            raise
+        except SpoolError as exc:
+            log.warning("queue: %s: cannot read it for its bounce (%s): its refused recipient(s) "
+                        "stay to do", envelope.id, exc)
+            return False
         text = make_bounce(envelope, failures, header, self.hostname, expired)
         draft = self.spool.draft()
         notice = Envelope(draft.id, "", [envelope.sender], time.time(), len(text),

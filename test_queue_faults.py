@@ -273,3 +273,249 @@ def test_the_queue_keeps_a_reserve_on_its_disk_for_its_own_bounces(
     wait_until(lambda: spool_files(disk / "queue")["failed"] == [f"{queue_id}.env",
                                                                  f"{queue_id}.msg"], 10, "failed/")
     still_up(mm)
+
+
+# ---------------------------------------------------------------------------
+# Two daemons on one queue (item 15)
+# ---------------------------------------------------------------------------
+
+def test_a_second_daemon_on_the_same_queue_refuses_to_start(queueing, hoster_reachable, run_dir):
+    hoster_reachable(False)
+    first = queueing(retry=600)
+    queue_id = queued_as(submit(first.port, make_message("first-daemons"))[1])
+    second = subprocess.Popen([sys.executable, MINIMAIL, "--foreground", "--listen",
+                               f"127.0.0.1:{free_port()}", *AS_ROOT, "--queue", first.queue,
+                               "hoster"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = second.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        second.kill()
+        second.communicate()
+        pytest.fail("a second daemon runs on the first one's queue")
+    assert second.returncode == 1
+    assert [line for line in stderr.splitlines() if not line.startswith("INFO ")] == [
+        f"ERROR the queue {first.queue} is in use by another minimail (pid {first.proc.pid}): "
+        f"two daemons must not share one queue"]
+    started = minimail_command("start", *AS_ROOT, "--listen", f"127.0.0.1:{free_port()}",
+                               "--pidfile", run_dir / "minimail.pid", "--logfile",
+                               run_dir / "minimail.log", "--queue", first.queue, "hoster")
+    assert started.returncode == 1
+    assert started.stderr == (f"minimail: the queue {first.queue} is in use by another minimail "
+                              f"(pid {first.proc.pid}): two daemons must not share one queue\n")
+    lock = os.stat(first.queue / "lock")
+    assert (oct(lock.st_mode & 0o777), lock.st_uid) == ("0o600", os.geteuid())
+    assert (first.queue / "lock").read_text() == f"{first.proc.pid}\n"
+    assert os.listdir(first.queue / "queued") == [f"{queue_id}.msg"]   # untouched
+    still_up(first)
+
+
+# ---------------------------------------------------------------------------
+# The retry clock (item 16, the clock's half)
+# ---------------------------------------------------------------------------
+
+def test_retries_are_scheduled_on_the_monotonic_clock_and_never_wait_past_the_clamp():
+    import minimail
+    clock = {"monotonic": 1000.0, "wall": 1_800_000_000.0}
+    schedule = minimail.Schedule(60, clocks=(lambda: clock["monotonic"], lambda: clock["wall"]))
+
+    def envelope(queue_id, next_try, attempts=0, size=100):
+        return minimail.Envelope(queue_id, "a@b", ["c@d"], clock["wall"], size,
+                                 attempts=attempts, next_try=next_try)
+    schedule["0661A1B8F0C3E2A7"] = soon = envelope("0661A1B8F0C3E2A7", clock["wall"] + 60)
+    assert schedule.wait() == 60
+    clock["wall"] -= 86400                                   # the wall clock steps back a day
+    clock["monotonic"] += 30
+    assert schedule.wait() == 30 and schedule.due() == []
+    clock["monotonic"] += 30
+    assert schedule.due() == [soon]                          # on time all the same
+    schedule.retry_in(soon, 7200)                            # never more than RETRY_MAX
+    assert schedule.wait() == minimail.RETRY_MAX
+    hostile = envelope("0661A1B8F0C3E2A8", 9e14, attempts=3)  # next_try in 28 million years
+    schedule["0661A1B8F0C3E2A8"] = hostile
+    assert hostile.due == clock["monotonic"] + 240           # as the schedule would set it: 60 * 2**2
+    assert schedule.bytes == 200 and len(schedule) == 2
+    del schedule["0661A1B8F0C3E2A7"]
+    assert schedule.bytes == 100 and schedule.pop("0661A1B8F0C3E2A8") is hostile
+    assert (schedule.bytes, schedule.wait()) == (0, None)
+
+
+#: Loaded as sitecustomize (through PYTHONPATH) by a minimail daemon in the
+#: foreground whose environment names a control directory; changes nothing
+#: anywhere else.  In the control directory:
+#:   clock       N: time.time() runs N seconds behind (a wall clock stepped back)
+#:   faults      "SEED CHANCE": while faults.on exists (and faults.off does not),
+#:               each file operation on the queue's tmp/, queued/ and failed/
+#:               (os.open, os.rename, os.link; os.unlink in queued/) fails with
+#:               that chance: ENOSPC or EDQUOT where it makes a file, ENOENT or
+#:               EIO where it reads one, ENOSPC or EIO for a rename, EIO for an
+#:               unlink; each is written to `injected` as "CALL ERRNO DIR/*.EXT".
+INJECTOR = r'''
+import errno, os, random, sys, threading, time
+
+CONTROL = os.environ.get("MINIMAIL_TEST_CONTROL")
+if CONTROL and "--foreground" in sys.argv:
+    _time, _monotonic, _exists = time.time, time.monotonic, os.path.exists
+    _clock = {"looked": -1.0, "behind": 0.0}
+
+    def _behind():
+        now = _monotonic()
+        if now - _clock["looked"] > 0.05:
+            _clock["looked"] = now
+            try:
+                with open(os.path.join(CONTROL, "clock")) as f:
+                    _clock["behind"] = float(f.read())
+            except (OSError, ValueError):
+                _clock["behind"] = 0.0
+        return _clock["behind"]
+
+    time.time = lambda: _time() - _behind()
+
+    if _exists(os.path.join(CONTROL, "faults")):
+        with open(os.path.join(CONTROL, "faults")) as f:
+            _seed, _chance = f.read().split()
+        _random, _chance, _lock = random.Random(int(_seed)), float(_chance), threading.Lock()
+        _queue = os.environ["MINIMAIL_TEST_QUEUE"]
+        _on, _off = os.path.join(CONTROL, "faults.on"), os.path.join(CONTROL, "faults.off")
+        _open, _rename, _link, _unlink, _write = os.open, os.rename, os.link, os.unlink, os.write
+        _injected = _open(os.path.join(CONTROL, "injected"),
+                          os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+        def _fail(call, path, codes, where=("tmp", "queued", "failed")):
+            path = path if isinstance(path, str) else ""
+            parts = os.path.relpath(path, _queue).split(os.sep) if path.startswith(_queue) else []
+            if len(parts) != 2 or parts[0] not in where or not _exists(_on) or _exists(_off):
+                return
+            with _lock:
+                if _random.random() >= _chance:
+                    return
+                code = _random.choice(codes)
+            kind = parts[1].rpartition(".")[2]
+            _write(_injected, f"{call} {errno.errorcode[code]} {parts[0]}/*.{kind}\n".encode())
+            raise OSError(code, os.strerror(code), path)
+
+        def _open_faulty(path, flags, mode=0o777, **kw):
+            made = flags & os.O_CREAT
+            _fail("open", path, (errno.ENOSPC, errno.EDQUOT) if made else (errno.ENOENT, errno.EIO))
+            return _open(path, flags, mode, **kw)
+
+        def _rename_faulty(src, dst, **kw):
+            _fail("rename", src, (errno.ENOSPC, errno.EIO))
+            return _rename(src, dst, **kw)
+
+        def _link_faulty(src, dst, **kw):
+            _fail("link", dst, (errno.ENOSPC,))
+            return _link(src, dst, **kw)
+
+        def _unlink_faulty(path, **kw):
+            _fail("unlink", path, (errno.EIO,), where=("queued",))
+            return _unlink(path, **kw)
+
+        os.open, os.rename, os.link, os.unlink = (_open_faulty, _rename_faulty, _link_faulty,
+                                                  _unlink_faulty)
+'''
+
+
+@pytest.fixture
+def control(tmp_path, monkeypatch):
+    """A control directory for INJECTOR, and the environment that makes the
+    next minimail started load it (its queue: tmp_path/queue)."""
+    directory = tmp_path / "control"
+    directory.mkdir()
+    (directory / "sitecustomize.py").write_text(INJECTOR)
+    monkeypatch.setenv("PYTHONPATH", str(directory))
+    monkeypatch.setenv("MINIMAIL_TEST_CONTROL", str(directory))
+    monkeypatch.setenv("MINIMAIL_TEST_QUEUE", str(tmp_path / "queue"))
+    return directory
+
+
+def deferrals(mm, queue_id):
+    return mm.log().count(f"queue: {queue_id}: deferred")
+
+
+def test_a_wall_clock_stepped_back_or_a_next_try_far_ahead_never_holds_a_retry(
+        queueing, hoster_reachable, hoster, control, tmp_path):
+    hoster_reachable(False)
+    queue = tmp_path / "queue"
+    first = queueing("--queue", queue, retry=600)
+    queue_id = queued_as(submit(first.port, make_message("on-time"))[1])
+    assert first.stop() == 0
+    envelope = queue / "queued" / f"{queue_id}.env"          # a next_try 28 million years ahead
+    stored = (queue / "queued" / f"{queue_id}.msg").read_bytes().split(b"\r\n")[0]
+    envelope.write_text(json.dumps({**json.loads(stored[len(b"MINIMAIL-ENVELOPE "):]),
+                                    "next_try": 9e14}))
+    mm = queueing("--queue", queue, retry=0.5)
+    wait_until(lambda: deferrals(mm, queue_id) >= 2, 15, "retries within the clamp")
+    (control / "clock").write_text("86400")                 # the wall clock steps back a day
+    tries = deferrals(mm, queue_id)
+    wait_until(lambda: deferrals(mm, queue_id) >= tries + 2, 15, "retries on time all the same")
+    state = json.loads(minimail_command("status", "--json", "--pidfile", mm.pidfile).stdout)
+    assert state["updated"] < time.time() - 86000            # the daemon's clock is a day behind
+    hoster_reachable(True)
+    flush(mm)
+    wait_until(lambda: delivered(hoster, "on-time"), 20, "the mail")
+    still_up(mm)
+
+
+# ---------------------------------------------------------------------------
+# minimail delete
+# ---------------------------------------------------------------------------
+
+def test_delete_removes_waiting_and_failed_mail_with_the_daemon_running(
+        queueing, hoster_reachable, hoster):
+    hoster.refuse = {"nobody@hoster.example": "550 5.1.1 no such user"}
+    hoster_reachable(False)
+    mm = queueing(retry=0.5)
+    failing = queued_as(submit(mm.port, make_message("will-fail"), sender="",
+                               recipients=("nobody@hoster.example",))[1])
+    waiting = [queued_as(submit(mm.port, make_message(f"deleted-{i}"))[1]) for i in range(2)]
+    kept = queued_as(submit(mm.port, make_message("kept"))[1])
+    listing = minimail_command("queue", "--queue", mm.queue).stdout
+    assert listing.endswith("(minimail flush: deliver now; minimail delete ID...: remove mail, "
+                            "without a bounce)\n")
+    mm.wait_for_log(rf"queue: {waiting[0]}: next try in")
+    hoster.refuse["admin@hoster.example"] = "451 4.3.0 not now"   # the others wait on
+    hoster_reachable(True)
+    flush(mm)
+    wait_until(lambda: (mm.queue / "failed" / f"{failing}.msg").exists(), 20, "one to fail")
+    unknown = "0661A1B8F0C3E2A7"
+    result = minimail_command("delete", "--queue", mm.queue, waiting[0], failing,
+                              waiting[1].lower(), unknown)
+    assert result.returncode == 1
+    assert result.stdout == (f"deleted {waiting[0]} (it was waiting)\n"
+                             f"deleted {failing} (it had failed)\n"
+                             f"deleted {waiting[1]} (it was waiting)\n")
+    assert result.stderr == f"minimail: no message {unknown} in the queue in {mm.queue}\n"
+    assert spool_files(mm.queue) == {"tmp": [], "queued": [f"{kept}.env", f"{kept}.msg"],
+                                     "failed": []}
+    for queue_id in waiting:
+        mm.wait_for_log(rf"queue: {queue_id}: deleted")
+    hoster.refuse.pop("admin@hoster.example")
+    flush(mm)
+    wait_until(lambda: delivered(hoster, "kept"), 20, "the one kept")
+    time.sleep(1)
+    assert [m for m in hoster.messages if b"deleted-" in m.content] == []   # never delivered
+    assert spool_files(mm.queue) == {"tmp": [], "queued": [], "failed": []}   # nor written back
+    status = json.loads(minimail_command("status", "--json", "--pidfile", mm.pidfile).stdout)
+    assert (status["queue"]["count"], status["queue"]["failed"]) == (0, 0)
+    still_up(mm)
+
+
+def test_delete_without_a_daemon_and_with_bad_ids(queueing, hoster_reachable, tmp_path):
+    hoster_reachable(False)
+    mm = queueing(retry=600)
+    ids = [queued_as(submit(mm.port, make_message(f"offline-{i}"))[1]) for i in range(2)]
+    assert mm.stop() == 0
+    result = minimail_command("delete", "--queue", mm.queue, ids[0])
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, f"deleted {ids[0]} (it was waiting)\n", "")
+    assert spool_files(mm.queue)["queued"] == [f"{ids[1]}.msg"]
+    result = minimail_command("delete", "--queue", mm.queue, ids[0])
+    assert (result.returncode, result.stderr) == (
+        1, f"minimail: no message {ids[0]} in the queue in {mm.queue}\n")
+    result = minimail_command("delete", "--queue", mm.queue, "../../etc/passwd")
+    assert result.returncode == 2 and result.stderr.startswith(
+        "minimail: '../../etc/passwd' is not a queue ID (16 hex digits, as `minimail queue` "
+        "shows them)\n")
+    result = minimail_command("delete", "--queue", tmp_path / "nowhere", ids[1])
+    assert result.returncode == 1 and "no message" in result.stderr
+    assert "minimail delete [options] ID..." in minimail_command("--help").stdout
