@@ -2355,12 +2355,15 @@ class Spool:
     def fail(self, envelope):
         """Move a message that bounced to failed/ (blocking: run in_thread): its
         envelope first, so failed/ never holds a message without one."""
+        queued, failed = (self.path(where, f"{envelope.id}.msg") for where in ("queued", "failed"))
+        if not os.path.lexists(queued) and os.path.lexists(failed):   # moved before an error
+            remove_quietly(self.path("queued", f"{envelope.id}.env"))
+            return
         self.must_have(envelope.id)
         envelope.failed_at = envelope.failed_at or time.time()
         self.write_envelope(envelope, "failed")
         try:
-            os.rename(self.path("queued", f"{envelope.id}.msg"),
-                      self.path("failed", f"{envelope.id}.msg"))
+            os.rename(queued, failed)
         except OSError:
             remove_quietly(self.path("failed", f"{envelope.id}.env"))
             raise
@@ -2495,7 +2498,8 @@ class Spool:
         except FileNotFoundError:
             if not os.path.lexists(path):
                 raise MessageGone(f"queued/{envelope.id}.msg is gone") from None
-            raise SpoolError("cannot open the message: it came back meanwhile") from None
+            raise SpoolError("cannot open the message: No such file or directory, yet it is "
+                             "there") from None
         except OSError as exc:
             raise SpoolError(f"cannot open the message: {exc.strerror}") from None
         message = StoredMessage(io.FileIO(fd, "r"))

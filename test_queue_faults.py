@@ -519,3 +519,228 @@ def test_delete_without_a_daemon_and_with_bad_ids(queueing, hoster_reachable, tm
     result = minimail_command("delete", "--queue", tmp_path / "nowhere", ids[1])
     assert result.returncode == 1 and "no message" in result.stderr
     assert "minimail delete [options] ID..." in minimail_command("--help").stdout
+
+
+# ---------------------------------------------------------------------------
+# Random faults in every step of the runner, and a hoster that resets
+# ---------------------------------------------------------------------------
+
+class Reset(Exception):
+    """The flaky hoster resets this connection now."""
+
+
+class FlakyHoster:
+    """A small SMTP server in threads standing in for a hoster that misbehaves.
+    mode "silent": it accepts and resets the connection without a word;
+    "flaky": at each step (its greeting, the replies to EHLO, MAIL,
+    RCPT, DATA, and the final dot before it keeps the message) it resets the
+    connection with a seeded chance; "good".  It refuses `refused` (550) and
+    keeps every message it answered 250 to: (sender, recipients, text)."""
+
+    def __init__(self, seed, chance=0.12):
+        self.random, self.chance, self.lock = random.Random(seed), chance, threading.Lock()
+        self.mode, self.refused = "silent", {"refused@hoster.example"}
+        self.messages, self.resets = [], {}
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self.running = True
+        self.thread = threading.Thread(target=self.accept, daemon=True)
+        self.thread.start()
+
+    def accept(self):
+        while self.running:
+            try:
+                conn, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def stop(self):
+        self.running = False
+        self.thread.join(5)
+        self.listener.close()
+
+    def reset_now(self, step):
+        with self.lock:
+            if self.mode != "flaky" or self.random.random() >= self.chance:
+                return False
+            self.resets[step] = self.resets.get(step, 0) + 1
+            return True
+
+    def serve(self, conn):
+        with conn:
+            conn.settimeout(30)
+            try:
+                if self.mode == "silent":
+                    raise Reset
+                self.dialogue(conn, conn.makefile("rb"))
+            except Reset:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            except OSError:
+                pass
+
+    def dialogue(self, conn, reader):
+        def reply(step, text):
+            if self.reset_now(step):
+                raise Reset
+            conn.sendall(text.encode() + b"\r\n")
+        reply("greeting", "220 hoster.example ESMTP")
+        sender, recipients = None, []
+        for _ in range(1000):
+            line = reader.readline(2048)
+            verb, _, argument = line.decode("utf-8", "replace").strip().partition(" ")
+            address = argument.partition("<")[2].partition(">")[0]
+            if not line or verb.upper() == "QUIT":
+                return conn.sendall(b"221 bye\r\n") if line else None
+            if verb.upper() in ("EHLO", "HELO"):
+                reply("EHLO", "250-hoster.example\r\n250-8BITMIME\r\n250 SIZE 100000000")
+            elif verb.upper() == "MAIL":
+                sender, recipients = address, []
+                reply("MAIL", "250 2.1.0 ok")
+            elif verb.upper() == "RCPT" and address in self.refused:
+                reply("RCPT", "550 5.1.1 no such user")
+            elif verb.upper() == "RCPT":
+                recipients.append(address)
+                reply("RCPT", "250 2.1.5 ok")
+            elif verb.upper() == "DATA":
+                reply("DATA", "354 go on")
+                text = self.read_data(reader)
+                if self.reset_now("dot"):
+                    raise Reset
+                with self.lock:
+                    self.messages.append((sender, list(recipients), text))
+                conn.sendall(b"250 2.0.0 stored\r\n")
+            else:
+                reply(verb.upper(), "250 2.0.0 ok" if verb.upper() in ("RSET", "NOOP") else "502 no")
+
+    @staticmethod
+    def read_data(reader):
+        lines = []
+        for _ in range(1_000_000):
+            line = reader.readline(65536)
+            if not line or line == b".\r\n":
+                return b"".join(lines)
+            lines.append(line[1:] if line.startswith(b".") else line)
+        return b"".join(lines)
+
+
+#: The five kinds of message the fault test sends: (sender, recipients);
+#: "ok" stands for a recipient of that message's own.
+KINDS = [("me@hoster.example", ["ok"]), ("me@hoster.example", ["ok", "refused@hoster.example"]),
+         ("me@hoster.example", ["refused@hoster.example"]), ("", ["ok"]),
+         ("", ["refused@hoster.example"])]
+
+
+def fault_test_message(i):
+    sender, recipients = KINDS[i % len(KINDS)]
+    return (sender, [f"ok-{i}@hoster.example" if r == "ok" else r for r in recipients],
+            f"Subject: fault-{i}\r\n\r\nmessage {i}\r\n".encode())
+
+
+def try_to_submit(port, i):
+    """(code, reply) of a submission; (None, why) if the connection broke."""
+    sender, recipients, text = fault_test_message(i)
+    try:
+        return submit(port, text, sender=sender, recipients=recipients)
+    except (smtplib.SMTPException, OSError) as exc:
+        return None, str(exc).encode()
+
+
+def test_random_faults_in_every_step_of_the_runner_lose_no_mail_and_never_stop_the_daemon(
+        own_sshd, hoster_reachable, control, minimail_process, tmp_path):
+    """A real minimail, a real ssh tunnel, and a hoster of the test's own
+    (FlakyHoster).  The faults are injected into the real process: the test
+    puts INJECTOR on PYTHONPATH as sitecustomize, which wraps os.open,
+    os.rename, os.link and os.unlink in the minimail process so that, with a
+    seeded chance, an operation on a file of the queue fails with ENOSPC,
+    EDQUOT, ENOENT or EIO (every step of the runner: opening a message,
+    saving its envelope, queueing its bounce, moving it to failed/, removing
+    it; and the intake, which then answers 452).  The hoster resets the
+    connection at random steps.  After many rounds of flushes the faults
+    stop, and every message that got 250 must have been delivered to each of
+    its recipients exactly once, or bounced (once, to a sender that is not
+    null) and kept in failed/; none may be left, and the daemon must never
+    have stopped.  The seed is printed; MINIMAIL_FAULT_SEED=N repeats it."""
+    seed = int(os.environ.get("MINIMAIL_FAULT_SEED") or random.randrange(1 << 32))
+    print(f"fault injection seed: {seed} (MINIMAIL_FAULT_SEED={seed} repeats it)")
+    (control / "faults").write_text(f"{seed} 0.12")
+    hoster = FlakyHoster(seed)
+    hoster_reachable(False)
+    try:
+        mm = minimail_process("--ssh", own_sshd.ssh, "--remote", f"127.0.0.1:{hoster.port}",
+                              "--queue", tmp_path / "queue", "--queue-retry", 0.2,
+                              "--linger", 30, "--jitter", 0, "hoster")
+        (control / "faults.on").touch()
+        accepted, refused = {}, 0                # i -> queue ID (None: delivered live)
+        for i in range(60):                      # the hoster is away: all to the queue
+            code, reply = try_to_submit(mm.port, i)
+            if code == 250:
+                accepted[i] = queued_as(reply)
+            else:
+                refused += 1
+                assert code == 452, (code, reply)      # a fault in the intake: try again later
+        hoster.mode = "flaky"
+        hoster_reachable(True)
+        for i in range(60, 100):                 # flushes, and mail through the tunnel too
+            mm.proc.send_signal(signal.SIGUSR1)
+            code, reply = try_to_submit(mm.port, i * 5)         # kind 0: one recipient, no 550
+            if code == 250:
+                accepted[i * 5] = queued_as(reply) if b"queued as" in reply else None
+            time.sleep(0.25)
+        (control / "faults.off").touch()
+        hoster.mode = "good"
+
+        def settled():
+            mm.proc.send_signal(signal.SIGUSR1)
+            time.sleep(0.3)
+            return not os.listdir(tmp_path / "queue" / "queued")
+        wait_until(settled, 60, "the queue to settle once the faults stopped")
+        time.sleep(1)
+        still_up(mm)
+        injected = (control / "injected").read_text().splitlines()
+        outcomes = check_every_250(accepted, hoster.messages, tmp_path / "queue")
+        steps = {}
+        for line in injected:
+            steps[line] = steps.get(line, 0) + 1
+        print(f"faults injected: {len(injected)}: {json.dumps(steps, sort_keys=True)}")
+        print(f"hoster resets: {sum(hoster.resets.values())}: {json.dumps(hoster.resets)}")
+        print(f"messages: {len(accepted)} got 250, {refused} got 452; outcomes: "
+              f"{json.dumps(outcomes)}; log lines: "
+              f"{mm.log().count('stays in the queue')} kept after a failed step, "
+              f"{mm.log().count('cannot queue its bounce')} bounces that waited, "
+              f"{mm.log().count('deferred')} deferrals")
+        assert len(injected) >= 20 and sum(hoster.resets.values()) >= 5
+    finally:
+        hoster.stop()
+
+
+def check_every_250(accepted, messages, queue):
+    """Every message that got 250: delivered to each recipient once, or bounced once."""
+    outcomes = {"delivered": 0, "bounced": 0, "failed, no bounce (null sender)": 0,
+                "delivered live": 0}
+    for i, queue_id in accepted.items():
+        sender, recipients, text = fault_test_message(i)
+        marker = f"Subject: fault-{i}\r\n".encode()
+        copies = [m for m in messages if marker in m[2] and not m[0] == ""] if sender else \
+            [m for m in messages if marker in m[2] and b"X-Minimail-Queue-ID" not in m[2]]
+        for recipient in recipients:
+            got = [m for m in copies if recipient in m[1]]
+            if recipient.startswith("ok-"):
+                assert len(got) == 1, (i, queue_id, recipient, len(got))
+            else:
+                assert got == [], (i, queue_id, recipient)
+        if queue_id is None:
+            outcomes["delivered live"] += 1
+            continue
+        dsns = [m for m in messages if m[0] == "" and
+                f"X-Minimail-Queue-ID: {queue_id}".encode() in m[2]]
+        failed = sorted(p for p in os.listdir(queue / "failed") if p.startswith(queue_id))
+        if "refused@hoster.example" in recipients:
+            assert failed == [f"{queue_id}.env", f"{queue_id}.msg"], (i, queue_id, failed)
+            assert len(dsns) == (1 if sender else 0), (i, queue_id, len(dsns))
+            outcomes["bounced" if sender else "failed, no bounce (null sender)"] += 1
+        else:
+            assert failed == [] and dsns == [], (i, queue_id)
+            outcomes["delivered"] += 1
+    return outcomes
