@@ -132,7 +132,11 @@ session itself and answers "250 2.0.0 queued as ID" once the mail is on
 disk.  It delivers the queue through the tunnel when the tunnel comes up
 for anyone, at each mail's next try (1, 2, 4 ... minutes), and on `minimail
 flush` (or SIGUSR1).  What the hoster refuses for good, or what waited
-longer than --queue-lifetime, goes back to its sender as a bounce.
+longer than --queue-lifetime, goes back to its sender as a bounce.  Past
+--max-queue-size, or with its disk short, the queue answers 452 and keeps
+what it has; nothing one message does (a full disk, a file removed by hand)
+stops the daemon.  `minimail delete ID...` removes mail from the queue; one
+daemon at a time uses a queue (it holds QUEUE/lock).
 
 Settings: `minimail start` and `minimail --foreground` without DESTINATION
 take DESTINATION and options from a settings file, and the sendmail
