@@ -132,11 +132,11 @@ session itself and answers "250 2.0.0 queued as ID" once the mail is on
 disk.  It delivers the queue through the tunnel when the tunnel comes up
 for anyone, at each mail's next try (1, 2, 4 ... minutes), and on `minimail
 flush` (or SIGUSR1).  What the hoster refuses for good, or what waited
-longer than --queue-lifetime, goes back to its sender as a bounce.  Past
---max-queue-size, or with its disk short, the queue answers 452 and keeps
-what it has; nothing one message does (a full disk, a file removed by hand)
-stops the daemon.  `minimail delete ID...` removes mail from the queue; one
-daemon at a time uses a queue (it holds QUEUE/lock).
+longer than --queue-lifetime, goes back to its sender as a bounce.  Once
+the queue holds --max-queue-size, or its disk is short, it answers 452 and
+keeps what it has; nothing one message does (a full disk, a file removed by
+hand) stops the daemon.  `minimail delete ID...` removes mail from the
+queue.  One daemon at a time uses a queue (it holds QUEUE/lock).
 
 Settings: `minimail start` and `minimail --foreground` without DESTINATION
 take DESTINATION and options from a settings file, and the sendmail
@@ -2441,18 +2441,23 @@ class Spool:
         return [m[1] for m in map(DELETE_REQUEST.fullmatch, os.listdir(self.path("tmp"))) if m]
 
     def write_request(self, token, ids):
-        """Leave a request for the daemon (as root: made the queue owner's)."""
-        part = self.path("tmp", f"delete-{token}.part")
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
+        """Leave a request for the daemon: in tmp/ as it is (never through a
+        link), as root made the queue owner's."""
+        tmp = os.open(self.path("tmp"), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            owner = os.stat(self.root)
-            if owner.st_uid != os.geteuid():
-                os.fchown(fd, owner.st_uid, owner.st_gid)
-            os.write(fd, "".join(f"{queue_id}\n" for queue_id in ids).encode())
+            fd = os.open(f"delete-{token}.part", os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=tmp)
+            try:
+                owner = os.fstat(tmp)
+                if owner.st_uid != os.geteuid():
+                    os.fchown(fd, owner.st_uid, owner.st_gid)
+                os.write(fd, "".join(f"{queue_id}\n" for queue_id in ids).encode())
+            finally:
+                os.close(fd)
+            os.rename(f"delete-{token}.part", f"delete-{token}.request", src_dir_fd=tmp,
+                      dst_dir_fd=tmp)
         finally:
-            os.close(fd)
-        os.rename(part, self.path("tmp", f"delete-{token}.request"))
+            os.close(tmp)
 
     def read_request(self, token):
         """The IDs a request names (it is removed); ValueError if it is not one."""
@@ -3304,6 +3309,8 @@ class QueueRunner:
         unreadable, its envelope, anything unexpected) has left the connection
         in doubt: the message is then forgotten or deferred.  The connection's
         own errors go to the caller."""
+        if self.waiting.get(envelope.id) is not envelope:
+            return True                       # deleted meanwhile
         try:
             self.deliver_one(smtp, envelope)
             return True
@@ -4702,6 +4709,8 @@ def delete(directory, ids):
         except PermissionError:
             raise Fatal(f"cannot delete from the queue in {directory}: it belongs to "
                         f"{owner_name(os.stat(directory).st_uid)} (try sudo)") from None
+        except OSError as exc:
+            raise Fatal(f"cannot delete from the queue in {directory}: {exc.strerror}") from None
         finally:
             lock.release()
     for queue_id, where in results.items():
@@ -4731,6 +4740,9 @@ def queue_holder(lock):
 
 
 def delete_directly(spool, ids):
+    for where in ("queued", "failed"):
+        if not stat.S_ISDIR(os.lstat(spool.path(where)).st_mode):
+            raise Fatal(f"{spool.path(where)} is not a directory (a link?): not deleting there")
     results = {}
     for queue_id in ids:
         try:
