@@ -2433,71 +2433,6 @@ class Spool:
                 remove_quietly(self.path("failed", f"{envelope.id}.msg"))
                 remove_quietly(self.path("failed", f"{envelope.id}.env"))
 
-    # `minimail delete` and a running daemon: tmp/delete-TOKEN.request holds
-    # the IDs, one a line; the daemon answers in tmp/delete-TOKEN.answer.
-
-    def requests(self):
-        """The tokens of the delete requests waiting in tmp/."""
-        return [m[1] for m in map(DELETE_REQUEST.fullmatch, os.listdir(self.path("tmp"))) if m]
-
-    def write_request(self, token, ids):
-        """Leave a request for the daemon: in tmp/ as it is (never through a
-        link), as root made the queue owner's."""
-        tmp = os.open(self.path("tmp"), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            fd = os.open(f"delete-{token}.part", os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                         | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=tmp)
-            try:
-                owner = os.fstat(tmp)
-                if owner.st_uid != os.geteuid():
-                    os.fchown(fd, owner.st_uid, owner.st_gid)
-                os.write(fd, "".join(f"{queue_id}\n" for queue_id in ids).encode())
-            finally:
-                os.close(fd)
-            os.rename(f"delete-{token}.part", f"delete-{token}.request", src_dir_fd=tmp,
-                      dst_dir_fd=tmp)
-        finally:
-            os.close(tmp)
-
-    def read_request(self, token):
-        """The IDs a request names (it is removed); ValueError if it is not one."""
-        path = self.path("tmp", f"delete-{token}.request")
-        try:
-            with open_own_file(path) as f:
-                ids = read_small(f).decode("ascii").split()
-        finally:
-            remove_quietly(path)
-        if not all(QUEUE_ID.fullmatch(queue_id) for queue_id in ids):
-            raise ValueError("a delete request names something that is no queue ID")
-        return ids
-
-    def answer(self, token, results):
-        part = self.path("tmp", f"delete-{token}.answering")
-        remove_quietly(part)
-        write_durably(part, "".join(f"{queue_id} {where or 'absent'}\n"
-                                    for queue_id, where in results.items()).encode())
-        os.rename(part, self.path("tmp", f"delete-{token}.answer"))
-
-    def read_answer(self, token):
-        """{ID: "queued", "failed", "error" or None} from the daemon's answer
-        (removed), or None while there is none."""
-        path = self.path("tmp", f"delete-{token}.answer")
-        try:
-            with open_own_file(path) as f:
-                lines = read_small(f).decode("ascii", "replace").splitlines()
-        except FileNotFoundError:
-            return None
-        remove_quietly(path)
-        results = {}
-        for line in lines:
-            queue_id, _, where = line.partition(" ")
-            if QUEUE_ID.fullmatch(queue_id):
-                results[queue_id] = where if where in ("queued", "failed", "error") else None
-        return results
-
-    def drop_request(self, token):
-        remove_quietly(self.path("tmp", f"delete-{token}.request"))
-
     def open_message(self, envelope):
         """The queued message's text, from past its envelope's line: MessageGone
         if it is not there, SpoolError if it cannot be read (now or later)."""
@@ -2512,10 +2447,13 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"cannot open the message: {exc.strerror}") from None
         message = StoredMessage(io.FileIO(fd, "r"))
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise SpoolError("the message is not a regular file")
+            message.readline(SMALL_FILE_MAX)
+        except BaseException:
             message.close()
-            raise SpoolError("the message is not a regular file")
-        message.readline(SMALL_FILE_MAX)
+            raise
         return message
 
 
@@ -2591,6 +2529,78 @@ class QueueLock:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+class DeleteRequests:
+    """How `minimail delete` asks a running daemon: tmp/delete-TOKEN.request
+    holds the IDs, one a line; the daemon, on SIGUSR2, deletes them and
+    answers in tmp/delete-TOKEN.answer."""
+
+    def __init__(self, spool):
+        self.tmp = spool.path("tmp")
+
+    def path(self, token, kind):
+        return os.path.join(self.tmp, f"delete-{token}.{kind}")
+
+    def waiting(self):
+        """The tokens of the requests waiting in tmp/."""
+        return [m[1] for m in map(DELETE_REQUEST.fullmatch, os.listdir(self.tmp)) if m]
+
+    def write(self, token, ids):
+        """Leave a request: in tmp/ as it is (never through a link), as root
+        made the queue owner's."""
+        tmp = os.open(self.tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fd = os.open(f"delete-{token}.part", os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=tmp)
+            try:
+                owner = os.fstat(tmp)
+                if owner.st_uid != os.geteuid():
+                    os.fchown(fd, owner.st_uid, owner.st_gid)
+                os.write(fd, "".join(f"{queue_id}\n" for queue_id in ids).encode())
+            finally:
+                os.close(fd)
+            os.rename(f"delete-{token}.part", f"delete-{token}.request", src_dir_fd=tmp,
+                      dst_dir_fd=tmp)
+        finally:
+            os.close(tmp)
+
+    def read(self, token):
+        """The IDs a request names (it is removed); ValueError if it is not one."""
+        try:
+            with open_own_file(self.path(token, "request")) as f:
+                ids = read_small(f).decode("ascii").split()
+        finally:
+            self.drop(token)
+        if not all(QUEUE_ID.fullmatch(queue_id) for queue_id in ids):
+            raise ValueError("a delete request names something that is no queue ID")
+        return ids
+
+    def answer(self, token, results):
+        part = self.path(token, "answering")
+        remove_quietly(part)
+        write_durably(part, "".join(f"{queue_id} {where or 'absent'}\n"
+                                    for queue_id, where in results.items()).encode())
+        os.rename(part, self.path(token, "answer"))
+
+    def read_answer(self, token):
+        """{ID: "queued", "failed", "error" or None} from the daemon's answer
+        (removed), or None while there is none."""
+        try:
+            with open_own_file(self.path(token, "answer")) as f:
+                lines = read_small(f).decode("ascii", "replace").splitlines()
+        except FileNotFoundError:
+            return None
+        remove_quietly(self.path(token, "answer"))
+        results = {}
+        for line in lines:
+            queue_id, _, where = line.partition(" ")
+            if QUEUE_ID.fullmatch(queue_id):
+                results[queue_id] = where if where in ("queued", "failed", "error") else None
+        return results
+
+    def drop(self, token):
+        remove_quietly(self.path(token, "request"))
 
 
 def reserve(total, bounds):
@@ -3505,15 +3515,15 @@ class QueueRunner:
 
     def take_requests(self):
         """SIGUSR2: answer the requests `minimail delete` left in tmp/."""
+        requests = DeleteRequests(self.spool)
         with self.answering:
-            for token in self.spool.requests():
+            for token in requests.waiting():
                 try:
-                    ids = self.spool.read_request(token)
-                    self.spool.answer(token, self.delete(ids))
+                    requests.answer(token, self.delete(requests.read(token)))
                 except (OSError, ValueError) as exc:
                     log.warning("queue: a delete request cannot be answered: %s",
                                 describe_failure(exc))
-                    self.spool.drop_request(token)
+                    requests.drop(token)
 
 
 def connection_errors():
@@ -4705,7 +4715,7 @@ def delete(directory, ids):
         try:
             pid = queue_holder(lock)
             results = delete_directly(Spool(directory), ids) if pid is None \
-                else ask_daemon_to_delete(Spool(directory), pid, ids)
+                else ask_daemon_to_delete(DeleteRequests(Spool(directory)), pid, ids)
         except PermissionError:
             raise Fatal(f"cannot delete from the queue in {directory}: it belongs to "
                         f"{owner_name(os.stat(directory).st_uid)} (try sudo)") from None
@@ -4753,23 +4763,23 @@ def delete_directly(spool, ids):
     return results
 
 
-def ask_daemon_to_delete(spool, pid, ids):
+def ask_daemon_to_delete(requests, pid, ids):
     """Leave the daemon requests (at most DELETE_BATCH IDs each), signal it,
     and wait for its answers."""
     results = {}
     for start in range(0, len(ids), DELETE_BATCH):
         token = os.urandom(8).hex()
-        spool.write_request(token, ids[start:start + DELETE_BATCH])
+        requests.write(token, ids[start:start + DELETE_BATCH])
         try:
             os.kill(pid, signal.SIGUSR2)
         except PermissionError:
-            spool.drop_request(token)
+            requests.drop(token)
             raise Fatal(f"not allowed to signal minimail (pid {pid}): try sudo minimail "
                         f"delete") from None
         deadline = time.monotonic() + DELETE_ANSWER_WAIT
-        while (answer := spool.read_answer(token)) is None:
+        while (answer := requests.read_answer(token)) is None:
             if time.monotonic() > deadline:
-                spool.drop_request(token)
+                requests.drop(token)
                 raise Fatal(f"minimail (pid {pid}) did not answer within "
                             f"{DELETE_ANSWER_WAIT:g} s; see its log")
             time.sleep(0.02)
