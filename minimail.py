@@ -3517,9 +3517,13 @@ class QueueRunner:
         """SIGUSR2: answer the requests `minimail delete` left in tmp/."""
         requests = DeleteRequests(self.spool)
         with self.answering:
-            for token in requests.waiting():
+            try:
+                tokens = requests.waiting()
+            except OSError as exc:
+                return log.warning("queue: cannot look for delete requests: %s", exc.strerror)
+            for token in tokens:
                 try:
-                    requests.answer(token, self.delete(requests.read(token)))
+                    in_thread(requests.answer, token, self.delete(requests.read(token)))
                 except (OSError, ValueError) as exc:
                     log.warning("queue: a delete request cannot be answered: %s",
                                 describe_failure(exc))
