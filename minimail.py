@@ -3399,6 +3399,9 @@ class QueueRunner:
         forgotten; after any other error (a full disk) it stays as it is."""
         try:
             with self.writing:
+                if self.waiting.get(envelope.id) is not envelope:
+                    log.info("queue: %s: deleted meanwhile: nothing written", envelope.id)
+                    return False
                 in_thread(function, *args)
             return True
         except MessageGone:
@@ -3495,23 +3498,24 @@ class QueueRunner:
         """Remove messages by ID, waiting or failed, without a bounce: {ID: where
         it was ("queued", "failed"), or None}.  Forgotten at once: one that is
         being sent just now is never written back."""
-        results = {}
         with self.writing:
-            for queue_id in ids:
-                envelope = self.waiting.get(queue_id)
-                if envelope is not None:
-                    del self.waiting[queue_id]
-                try:
-                    where = in_thread(self.spool.delete, queue_id)
-                except OSError as exc:
-                    log.warning("queue: %s: cannot delete it: %s", queue_id, exc.strerror)
-                    where = "error"
-                results[queue_id] = where or ("queued" if envelope is not None else None)
-                if where == "failed":
-                    self.failed = max(0, self.failed - 1)
-                log.info("queue: %s: %s", queue_id, "deleted" if results[queue_id] else "not there")
+            results = {queue_id: self.delete_one(queue_id) for queue_id in ids}
         self.on_change()
         return results
+
+    def delete_one(self, queue_id):
+        envelope = self.waiting.get(queue_id)
+        try:
+            where = in_thread(self.spool.delete, queue_id)
+        except OSError as exc:
+            log.warning("queue: %s: cannot delete it: %s", queue_id, exc.strerror)
+            return "error"
+        if envelope is not None:
+            self.drop(envelope)
+            where = where or "queued"        # its file was gone already: forgotten now
+        self.failed = max(0, self.failed - (where == "failed"))
+        log.info("queue: %s: %s", queue_id, f"deleted ({where})" if where else "not there")
+        return where
 
     def take_requests(self):
         """SIGUSR2: answer the requests `minimail delete` left in tmp/."""
