@@ -2144,7 +2144,7 @@ class Envelope:
         self.arrived, self.size, self.body, self.smtputf8 = arrived, size, body, smtputf8
         self.bounce, self.attempts, self.next_try = bounce, attempts, next_try
         self.last_reply, self.failures, self.failed_at = last_reply, list(failures), failed_at
-        self.due = None               # when it is due on the runner's monotonic clock (never stored)
+        self.due = None               # when due, on the runner's monotonic clock (never stored)
 
     def to_json(self):
         import json
@@ -3111,7 +3111,8 @@ class Schedule(collections.abc.MutableMapping):
             self.bytes -= self.envelopes[queue_id].size
         if envelope.due is None:
             longest = retry_delay(envelope.attempts, self.first_retry)
-            envelope.due = self.monotonic() + min(max(0.0, envelope.next_try - self.wall()), longest)
+            ahead = min(max(0.0, envelope.next_try - self.wall()), longest)
+            envelope.due = self.monotonic() + ahead
         self.envelopes[queue_id] = envelope
         self.bytes += envelope.size
 
@@ -3450,7 +3451,7 @@ class QueueRunner:
         if self.bounce(envelope, [(r, reason) for r in envelope.recipients], expired=True):
             self.finish(envelope, [], None)
         else:
-            self.finish(envelope, envelope.recipients, "expired, and its bounce could not be queued")
+            self.finish(envelope, envelope.recipients, "expired; its bounce could not be queued")
 
     def bounce(self, envelope, failures, expired):
         """Tell the sender what failed, in a delivery status notification queued
@@ -4733,7 +4734,7 @@ def delete(directory, ids):
             lock.release()
     for queue_id, where in results.items():
         if where in ("queued", "failed"):
-            print(f"deleted {queue_id} ({'it was waiting' if where == 'queued' else 'it had failed'})")
+            print(f"deleted {queue_id} (it {'was waiting' if where == 'queued' else 'had failed'})")
         elif where == "error":
             print(f"minimail: cannot delete {queue_id}: see the daemon's log", file=sys.stderr)
         else:

@@ -10,7 +10,6 @@ hoster that resets connections, and the faults inside minimail, are
 described where they are used.
 """
 
-import errno
 import json
 import os
 import random
