@@ -1318,7 +1318,7 @@ def section_sendmail(plan, tmp):
     hoster, child = HosterSmtp(), None
     port, tunnel_port = free_port(), free_port()
     config = tmp / "minimail.conf"
-    config.write_text(f"MINIMAIL_OPTIONS=--listen 127.0.0.1:{port}\n")
+    config.write_text(f"MINIMAIL_OPTIONS=--listen 127.0.0.1:{port}\nMINIMAIL_SENDER={SENDER}\n")
     msmtprc = tmp / "msmtprc"
     msmtprc.write_text(f"defaults\nauth off\ntls off\nsyslog off\nlogfile\naccount bench\n"
                        f"host 127.0.0.1\nport {port}\nfrom {SENDER}\ndomain desktop.example\n"

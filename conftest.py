@@ -8,6 +8,8 @@ user at a shell (`minimail start ...`), or look at processes through /proc.
 Plain helpers are imported with `from conftest import ...`; fixtures by name.
 """
 
+import atexit
+import functools
 import os
 import pwd
 import re
@@ -440,6 +442,24 @@ def minimail_command(*args, env=None, timeout=60):
     """Run `python minimail.py ARGS...` to its end, as a user at a shell would."""
     return subprocess.run([sys.executable, MINIMAIL, *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=env)
+
+
+@functools.lru_cache(maxsize=None)
+def console_script():
+    """minimail's console script, which a `sendmail` symlink names: pip's, beside
+    a venv's python (`pip install -e .`); under a python that is no venv
+    (Debian's own, as .ci/run tries it) one of the same shape, made here, that
+    runs this checkout's minimail.py."""
+    if sys.prefix != sys.base_prefix:
+        return Path(sys.executable).parent / "minimail"
+    directory = Path(tempfile.mkdtemp(prefix="minimail-script-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    directory.chmod(0o755)
+    script = directory / "minimail"
+    script.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(HERE)!r})\n"
+                      "from minimail import main\nsys.exit(main())\n")
+    script.chmod(0o755)
+    return script
 
 
 @pytest.fixture

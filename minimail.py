@@ -108,6 +108,11 @@ Options:
   --pidfile=PATH            The daemon's pid file (see Files below).
   --logfile=PATH            The daemon's log file (see Files below).
   --config=FILE             The settings file (see Settings below).
+  --idle-without-destination
+                            Without DESTINATION (none in the settings
+                            file yet), listen and queue mail but run no
+                            tunnel, instead of stopping with a usage
+                            error (minimail.service runs so).
   --json                    With status and queue: print JSON.
   -v, --verbose             Log debug messages too.
   -h, --help                Show this text.
@@ -146,8 +151,10 @@ $MINIMAIL_CONFIG, else $XDG_CONFIG_HOME/minimail/minimail.conf
 /etc/default/minimail.  It holds shell-style lines: MINIMAIL_DESTINATION
 (user@hoster), MINIMAIL_OPTIONS (options, split as a shell would: --listen
 there is where sendmail submits), MINIMAIL_SENDER (the envelope sender of
-local mail) and MINIMAIL_ADMIN (where mail to a local name such as root
-goes).  Options on the command line win over the file's.
+local mail), MINIMAIL_ADMIN (where mail to a local name such as root
+goes) and MINIMAIL_ALIASES (the aliases file, /etc/aliases by default).
+Values are read as a shell reads them: quotes, and a # that starts a word
+begins a comment.  Options on the command line win over the file's.
 
 The sendmail command: `minimail sendmail`, or minimail run under the name
 sendmail (a symlink), reads one message from standard input and submits it
@@ -157,10 +164,29 @@ Bcc; Bcc removed), -i or -oi (a lone dot does not end the message), -f ADDR
 or -r ADDR (envelope sender), -F NAME (full name), -B 8BITMIME|7BIT, -bm
 (the default), -bp (list the queue), -bs (SMTP on standard input and
 output), -q (flush), -v (show the SMTP dialogue); any other -o... and the
-historic -L, -N, -R, -V, -X, -h and -C with their values are ignored.  Exit
-status as sysexits.h: 0 accepted, 64 usage, 65 bad message, 67 every
-recipient refused, 69 refused for another reason, 75 try again later
-(minimail cannot be reached, or answered 4xx).
+historic -L, -N, -R, -V, -X, -h and -C with their values are ignored.  When
+minimail cannot be reached (nothing listens, or it goes away before its final
+reply), the message waits in the queue's maildrop/ (the queue found as the
+daemon finds it: --queue in the settings file's MINIMAIL_OPTIONS, else the
+default) and minimail takes it in when it starts, on flush and every minute.
+Exit status as sysexits.h: 0 accepted (or kept in the maildrop), 64 usage,
+65 bad message, 67 every recipient refused, 69 refused for another reason,
+75 try again later (minimail cannot be reached and there is no maildrop, or
+it answered 4xx), 78 the settings are wrong.
+
+Local mail: the sendmail command is the machine's MTA, and no address
+leaves bare or at a name of this machine (localhost, the host name, its
+FQDN, the mail name).  Local recipients are looked up in the aliases file
+(aliases(5); chains followed, loops stopped; |command, /file and :include:
+are never run or read); what stays local goes to MINIMAIL_ADMIN.  A local
+sender (-f root@HOST too) becomes MINIMAIL_SENDER, else MINIMAIL_ADMIN, in
+the envelope and in From, Sender and Reply-To; local addresses in To and
+Cc become where the mail goes.  The mail name, for the Message-IDs the
+command adds and the daemon's bounces, is /etc/mailname's if dotted (the
+environment's MINIMAIL_MAILNAME names another file), else the FQDN if
+dotted, else the domain of MINIMAIL_SENDER.  `newaliases` (a symlink) and
+`sendmail -bi` check the aliases file: they print how many aliases it
+holds and exit 0, or name each bad line and exit 1.
 
 Files: as root, the pid file is /run/minimail/minimail.pid, the log
 /var/log/minimail.log and the queue /var/spool/minimail; otherwise the pid
@@ -185,6 +211,7 @@ listen address is taken), 2 for a usage error.
 """
 
 import collections.abc
+import contextlib
 import enum
 import errno
 import fcntl
@@ -223,6 +250,8 @@ log = logging.getLogger("minimail")
 #   Spool         the queue directory: durable writes, envelopes, failed/.
 #   Receiver      serves one SMTP session itself, into the spool.
 #   QueueRunner   delivers the spool through the tunnel, bounces what fails.
+#   Maildrop      takes in, as hostile input, what the sendmail command left in
+#                 the queue's maildrop/ while minimail was down.
 #   daemon files  pid file (locked), state file, log file, privileges.
 #   sendmail      the sendmail(8) command: stdlib only, no gevent.
 
@@ -319,6 +348,12 @@ STOP_MARGIN = 15.0
 DEFAULT_DRAIN = 10.0
 #: How long `minimail check` waits for the far side's greeting.
 CHECK_GREETING_WAIT = 10.0
+#: The settings file of the service, and of root's sendmail command (cron's).
+ROOT_SETTINGS = "/etc/default/minimail"
+#: The aliases file (aliases(5)) the sendmail command reads, unless MINIMAIL_ALIASES says.
+DEFAULT_ALIASES = "/etc/aliases"
+#: The file that names this machine's mail domain; $MINIMAIL_MAILNAME names another.
+MAILNAME_FILE = "/etc/mailname"
 #: The longest Unix socket path (sun_path holds 108 bytes with the final NUL).
 SOCKET_PATH_MAX = 107
 
@@ -480,8 +515,8 @@ def explain_usage_error(argv, complaint):
              sum(1 for other, _ in options if other == name) > 1]
     if twice:
         return f"{twice[0]} is given twice"
-    if complaint and not complaint.startswith("Warning:"):
-        return complaint                      # e.g. "--listen requires argument"
+    if complaint and not complaint.startswith(("Warning:", "Usage:")):
+        return complaint    # e.g. "--listen requires argument" (docopt 0.6.2: just the usage)
     positional = [w for w in positional if w not in COMMANDS]
     if positional and "--tunnel-command" in given:
         return "give DESTINATION or --tunnel-command, not both"
@@ -506,11 +541,71 @@ def merge_settings_file(argv, settings_file):
     return words + list(argv) + ([settings_file.destination] if settings_file.destination else [])
 
 
+def shell_words(text):
+    """The words a POSIX shell makes of one line: quotes ('...', "..." with its
+    backslash escapes) and backslashes removed, and a comment from a # that
+    starts a word (not one inside a word, as shlex would have it).  ValueError
+    for an unterminated quote."""
+    words, word, i, started = [], [], 0, False
+    while i < len(text):
+        c = text[i]
+        if c in " \t":
+            if started:
+                words.append("".join(word))
+            word, started = [], False
+        elif c == "#" and not started:
+            break
+        elif c == "'":
+            end = text.find("'", i + 1)
+            if end < 0:
+                raise ValueError("no closing quotation (')")
+            word.append(text[i + 1:end])
+            i, started = end, True
+        elif c == '"':
+            i = double_quoted(text, i + 1, word)
+            started = True
+        elif c == "\\" and i + 1 < len(text):
+            word.append(text[i + 1])
+            i, started = i + 1, True
+        else:
+            word.append(c)
+            started = True
+        i += 1
+    return words + (["".join(word)] if started else [])
+
+
+def double_quoted(text, i, word):
+    """Read a "..." word part from text[i] on into word; the closing quote's index."""
+    while i < len(text):
+        c = text[i]
+        if c == '"':
+            return i
+        if c == "\\" and i + 1 < len(text) and text[i + 1] in '"\\$`':
+            i += 1
+            c = text[i]
+        word.append(c)
+        i += 1
+    raise ValueError('no closing quotation (")')
+
+
+def settings_value(key, raw):
+    """A settings file's value as a shell reads it.  MINIMAIL_OPTIONS is a list
+    of words, returned quoted (shlex.join): written unquoted, the value's own
+    words; written as one quoted string, that string split again."""
+    words = shell_words(raw)
+    if key != "MINIMAIL_OPTIONS":
+        return " ".join(words)
+    if len(words) == 1 and raw.lstrip()[:1] in ("'", '"'):
+        words = shlex.split(words[0])
+    return shlex.join(words)
+
+
 class SettingsFile:
     """The settings shared by the daemon and the sendmail command: a file of
     shell-style KEY=VALUE lines (what systemd's EnvironmentFile= reads too)."""
 
-    KEYS = ("MINIMAIL_DESTINATION", "MINIMAIL_OPTIONS", "MINIMAIL_SENDER", "MINIMAIL_ADMIN")
+    KEYS = ("MINIMAIL_DESTINATION", "MINIMAIL_OPTIONS", "MINIMAIL_SENDER", "MINIMAIL_ADMIN",
+            "MINIMAIL_ALIASES")
 
     def __init__(self, path=None, values=None):
         self.path = path
@@ -518,6 +613,7 @@ class SettingsFile:
         self.destination = values.get("MINIMAIL_DESTINATION") or None
         self.sender = values.get("MINIMAIL_SENDER") or None
         self.admin = values.get("MINIMAIL_ADMIN") or None
+        self.aliases = values.get("MINIMAIL_ALIASES") or DEFAULT_ALIASES
         options = values.get("MINIMAIL_OPTIONS", "")
         try:
             self.options = shlex.split(options)
@@ -555,11 +651,13 @@ class SettingsFile:
             key, value = key.strip(), value.strip()
             if not equals or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 raise UsageError(f"{path}:{number}: not a KEY=VALUE line")
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-                value = value[1:-1]
             if key.startswith("MINIMAIL_") and key not in cls.KEYS:
                 raise UsageError(f"{path}:{number}: unknown setting {key} "
                                  f"(known: {', '.join(cls.KEYS)})")
+            try:
+                value = settings_value(key, value)
+            except ValueError as exc:
+                raise UsageError(f"{path}:{number}: {key}: {exc}") from None
             values[key] = value
         return cls(path, values)
 
@@ -579,7 +677,10 @@ class SettingsFile:
 class Settings:
     """Everything the command line says, checked once, before anything starts."""
 
-    def __init__(self, args):
+    def __init__(self, args, settings_file=None):
+        settings_file = settings_file or SettingsFile()
+        self.admin = settings_file.admin            # told of bounces nobody else takes
+        self.mail_name = MailNames(settings_file).mail_name()   # for bounces
         self.listen = parse_listen(args["--listen"])
         self.tunnel_port = args["--tunnel-port"] and parse_port(args["--tunnel-port"], "--tunnel-port")
         self.remote = parse_remote(args["--remote"])
@@ -608,9 +709,12 @@ class Settings:
             else parse_destination(args["DESTINATION"])
         self.tunnel_command = args["--tunnel-command"] and parse_command(
             args["--tunnel-command"], "--tunnel-command")
+        self.idle = None                  # or why there is no tunnel
         if not self.destination and not self.tunnel_command:
-            raise UsageError("DESTINATION is missing: the ssh destination, [user@]host "
-                             "(or MINIMAIL_DESTINATION in the settings file)")
+            if not args.get("--idle-without-destination"):
+                raise UsageError("DESTINATION is missing: the ssh destination, [user@]host "
+                                 "(or MINIMAIL_DESTINATION in the settings file)")
+            self.idle = f"MINIMAIL_DESTINATION is not set in {settings_file.path or 'a settings file'}"
         if self.tunnel_command and not self.tunnel_port:
             raise UsageError("--tunnel-command needs --tunnel-port: where the command's tunnel accepts")
 
@@ -630,6 +734,8 @@ class Settings:
         """How the tunnel is made, for the start-up line."""
         if self.tunnel_command:
             return f"{shlex.join(self.tunnel_command)} on 127.0.0.1:{self.tunnel_port}"
+        if self.idle:
+            return "none"
         return f"ssh {self.destination} to {self.remote}"
 
 
@@ -1127,6 +1233,8 @@ class Supervisor:
         child = self.child if self.child is not exclude else None
         if self.closing:
             raise TunnelUnavailable("minimail is stopping")
+        if self.settings.idle:
+            raise TunnelUnavailable(f"idle: {self.settings.idle}")
         left = self.retry_at - self.clock()
         if child is None and left > 0:
             raise TunnelUnavailable(f"{self.error}; next try in {math.ceil(left)} s")
@@ -1143,6 +1251,7 @@ class Supervisor:
             "failures": self.failures,
             "retry_at": wall_clock(self.retry_at, now) if self.retry_at > now else None,
             "last_error": self.error,
+            "idle": self.settings.idle,
         }
 
     # -- the supervisor greenlet --------------------------------------------
@@ -1217,7 +1326,7 @@ class Supervisor:
     def facts(self, now):
         child = self.child
         return Facts(now, self.phase, self.clients, child and child.launched_at,
-                     self.countdown_ends, self.retry_at, self.closing,
+                     self.countdown_ends, self.retry_at, self.closing or bool(self.settings.idle),
                      self.shared_endpoint and bool(self.retiring))
 
     def polling(self, now):
@@ -2078,6 +2187,29 @@ DELETE_REQUEST = re.compile(r"delete-([0-9a-f]{16})\.request")
 DELETE_BATCH = 1000
 
 
+#: The queue's subdirectory where the sendmail command leaves mail while
+#: minimail is down, and its mode: any user may add a file; nobody but
+#: minimail's user may list it, or remove another's file (sticky).
+MAILDROP, MAILDROP_MODE = "maildrop", 0o1733
+#: Where what the maildrop refuses is moved aside (0700, minimail's).
+REFUSED = "refused"
+#: A maildrop file's first line: this, then its envelope in JSON, then CRLF.
+MAILDROP_LINE = b"MINIMAIL-MAILDROP "
+#: The longest envelope line of a maildrop file.
+MAILDROP_ENVELOPE_MAX = 1024 * 1024
+#: The most recipients a maildrop file may name (queued MAX_RECIPIENTS a message).
+MAILDROP_RECIPIENTS_MAX = 5000
+#: The daemon looks into the maildrop at least this often (and at start, on flush).
+MAILDROP_EVERY = 60.0
+#: At most this many files are taken in in one look (a flood waits for the next).
+MAILDROP_BATCH = 1000
+#: The mode of a maildrop file: a daemon that is not root must read it (its
+#: name is unguessable and the directory cannot be listed).
+MAILDROP_FILE_MODE = 0o644
+#: The daemon's queue when root starts it, and the service's.
+ROOT_QUEUE, SERVICE_QUEUE = "/var/spool/minimail", "/var/lib/minimail/queue"
+
+
 class SpoolError(Exception):
     """A file of the queue could not be read or written (an OSError underneath)."""
 
@@ -2236,9 +2368,9 @@ class Draft:
         remove_quietly(self.path)
 
 
-def remove_quietly(path):
+def remove_quietly(path, dir_fd=None):
     try:
-        os.unlink(path)
+        os.unlink(path, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
 
@@ -2289,8 +2421,11 @@ class Spool:
         queue and its subdirectories must be ours and closed to others (and the
         subdirectories no links): minimail removes and writes files in them."""
         private_directory(self.root, follow=True)
+        let_users_through(self.root)
         for where in SPOOL_DIRS:
             private_directory(self.path(where))
+        private_directory(self.path(REFUSED))
+        make_maildrop(self.path(MAILDROP))
         for name in os.listdir(self.path("tmp")):
             remove_quietly(self.path("tmp", name))
         for where in ("queued", "failed"):
@@ -2653,6 +2788,43 @@ def private_directory(path, follow=False):
     if st.st_mode & 0o022:
         raise Fatal(f"{path} may be written by others (mode {stat.S_IMODE(st.st_mode):04o}): "
                     f"refusing to keep the queue there")
+
+
+def let_users_through(path):
+    """The queue directory may be entered by every user (0711), to reach its
+    maildrop; it is never listable by them, and all else in it stays 0700."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o011 != 0o011:
+        os.chmod(path, mode | 0o011)
+
+
+def make_maildrop(path):
+    """maildrop/: ours, mode 1733 (set by chmod, not cut by the umask), no link."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise Fatal(f"{path} is not a directory (a link?): {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise Fatal(f"{path} belongs to {owner_name(st.st_uid)}: refusing to take mail from it")
+        if stat.S_IMODE(st.st_mode) != MAILDROP_MODE:
+            os.fchmod(fd, MAILDROP_MODE)
+    finally:
+        os.close(fd)
+
+
+def maildrop_count(queue):
+    """How many files wait in the queue's maildrop (None if it cannot be listed)."""
+    try:
+        with os.scandir(os.path.join(queue, MAILDROP)) as entries:
+            return sum(1 for entry in entries if not entry.name.startswith("."))
+    except OSError:
+        return None
 
 
 def open_own_file(path):
@@ -3150,6 +3322,255 @@ class Schedule(collections.abc.MutableMapping):
         return None if due is None else self.wall() + due - self.monotonic()
 
 
+class Intake(enum.Enum):
+    """What became of one file of the maildrop."""
+    QUEUED = "queued"
+    REFUSED = "refused"              # moved to refused/, and logged
+    GONE = "gone"                    # removed meanwhile (by its owner)
+    LATER = "later"                  # the queue cannot take it now (a full disk)
+
+
+class Maildrop:
+    """The queue's maildrop/: what the sendmail command left while minimail
+    could not be reached, one file a message, written by a local user (the
+    file's owner).  Taken in at start, on flush and every MAILDROP_EVERY
+    seconds, as hostile input, each file in the thread pool: one that passes
+    becomes a queued message through the spool's commit and is then removed
+    (a crash between the two queues it twice at most, never loses it); one
+    that does not is moved to refused/ and logged."""
+
+    def __init__(self, spool, settings, hostname, on_queued, on_change=lambda: None,
+                 room_for=lambda size, to_write: None):
+        from gevent.event import Event
+        self.spool, self.settings, self.hostname = spool, settings, hostname
+        self.on_queued, self.on_change = on_queued, on_change
+        self.room_for = room_for         # None, or (reply, why) when the queue is full
+        self.wake = Event()
+        self.fd = os.open(spool.path(MAILDROP),
+                          os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self.waiting = 0                 # files in it at the last look
+        self.stuck = set()               # inodes taken in (or refused) that stay there
+
+    def flush(self):
+        self.wake.set()
+
+    def run(self):
+        while True:
+            self.wake.clear()
+            more = self.take_in_all()
+            self.wake.wait(0 if more else MAILDROP_EVERY)
+
+    def take_in_all(self):
+        """One look: take in what waits; whether more may wait (a full batch).
+        A failing file system ends the look; the next one tries again."""
+        names, outcome = [], None
+        try:
+            names = in_thread(self.waiting_names)
+            for name in names:
+                outcome, envelopes = in_thread(self.take_in, name)
+                for envelope in envelopes:
+                    self.on_queued(envelope)
+                if outcome is Intake.LATER:
+                    break
+        except OSError as exc:
+            log.warning("maildrop: cannot take it in now: %s", describe_error(exc))
+            outcome = Intake.LATER
+        self.waiting = in_thread(maildrop_count, self.spool.root) or 0
+        self.on_change()
+        return len(names) == MAILDROP_BATCH and outcome is not Intake.LATER
+
+    def waiting_names(self):
+        """Up to MAILDROP_BATCH names in the maildrop, oldest first; dot names
+        (files still being written) skipped."""
+        found = []
+        with os.scandir(self.fd) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or entry.inode() in self.stuck:
+                    continue
+                try:
+                    found.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name))
+                except OSError:
+                    continue
+                if len(found) == MAILDROP_BATCH:
+                    break
+        return [name for _, name in sorted(found)]
+
+    def take_in(self, name):
+        """One file (blocking: in the thread pool): (Intake, envelopes queued)."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=self.fd)
+        except FileNotFoundError:
+            return Intake.GONE, []
+        except OSError as exc:
+            if out_of_descriptors(exc):
+                return Intake.LATER, []
+            why = "a symbolic link" if exc.errno == errno.ELOOP else \
+                f"cannot be opened: {describe_error(exc)}"
+            return self.refuse(name, why), []
+        with os.fdopen(fd, "rb") as dropped:
+            st = os.fstat(fd)
+            try:
+                envelope = read_maildrop_envelope(dropped, st, self.settings.max_size)
+            except ValueError as exc:
+                return self.refuse(name, str(exc)), []
+            size = st.st_size * -(-len(envelope[1]) // MAX_RECIPIENTS)
+            refusal = self.room_for(size, size)
+            if refusal is not None:
+                log.warning("maildrop: cannot queue a file of uid %d now: %s", st.st_uid,
+                            refusal[1])
+                return Intake.LATER, []
+            outcome, queued = self.queue_all(dropped, st, *envelope)
+        if outcome is Intake.QUEUED:
+            self.remove(name, st)
+        return outcome, queued
+
+    def queue_all(self, dropped, st, sender, recipients, body, smtputf8):
+        """Queue an open maildrop file, MAX_RECIPIENTS recipients a message."""
+        start, queued = dropped.tell(), []
+        try:
+            for first in range(0, len(recipients), MAX_RECIPIENTS):
+                dropped.seek(start)
+                queued.append(self.queue(dropped, st.st_size - start, st.st_uid, sender,
+                                         recipients[first:first + MAX_RECIPIENTS], body, smtputf8))
+        except OSError as exc:
+            log.warning("maildrop: cannot queue a file of uid %d now: %s", st.st_uid,
+                        exc.strerror)
+            return Intake.LATER, queued
+        log.info("maildrop: a file of uid %d taken in: queued as %s (%d bytes, %d recipient(s))",
+                 st.st_uid, ", ".join(e.id for e in queued), queued[0].size, len(recipients))
+        return Intake.QUEUED, queued
+
+    def queue(self, dropped, size, owner, sender, recipients, body, smtputf8):
+        """One queued message (blocking): through a draft and the spool's commit."""
+        draft, now = self.spool.draft(), time.time()
+        envelope = Envelope(draft.id, sender, recipients, now, 0, body=body, smtputf8=smtputf8,
+                            next_try=now)
+        try:
+            draft.write_envelope(envelope)
+            draft.write(local_received_line(owner, self.hostname, draft.id))
+            copy_as_crlf(dropped, size, draft)
+            envelope.size = draft.size
+            envelope.body = body or ("8BITMIME" if draft.eight_bit else None)
+            self.spool.commit(draft)
+        except BaseException:
+            draft.discard()
+            raise
+        return envelope
+
+    def remove(self, name, st):
+        """Remove a file taken in: by name, if it is still the file that was read."""
+        try:
+            now = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                os.unlink(name, dir_fd=self.fd)
+                return
+            log.warning("maildrop: %s was replaced while it was taken in: the new file waits "
+                        "for the next look", printable(name, 80))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("maildrop: cannot remove %s, taken in: %s (not taken in again)",
+                        printable(name, 80), exc.strerror)
+            self.stuck.add(st.st_ino)
+
+    def refuse(self, name, why):
+        """Move a file that is not taken in aside, to refused/ (never read)."""
+        aside = os.path.join(REFUSED, new_queue_id())
+        try:
+            owner = os.stat(name, dir_fd=self.fd, follow_symlinks=False).st_uid
+            os.rename(name, os.path.join(self.spool.root, aside), src_dir_fd=self.fd)
+        except FileNotFoundError:
+            return Intake.GONE
+        except OSError as exc:
+            log.warning("maildrop: refused %s (%s), and cannot move it aside: %s",
+                        printable(name, 80), why, exc.strerror)
+            with contextlib.suppress(OSError):
+                self.stuck.add(os.stat(name, dir_fd=self.fd, follow_symlinks=False).st_ino)
+            return Intake.REFUSED
+        log.warning("maildrop: refused %s of uid %d (%s): moved to %s", printable(name, 80),
+                    owner, why, aside)
+        return Intake.REFUSED
+
+
+#: What a maildrop file may be instead of a regular file: what the log says.
+FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory", stat.S_IFSOCK: "a socket",
+              stat.S_IFCHR: "a device", stat.S_IFBLK: "a device", stat.S_IFLNK: "a symbolic link"}
+
+
+def read_maildrop_envelope(dropped, st, max_size):
+    """The envelope of an open maildrop file, checked, past its first line:
+    (sender, recipients, body, smtputf8); ValueError says why it is refused."""
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"not a regular file: {FILE_KINDS.get(stat.S_IFMT(st.st_mode), 'other')}")
+    if st.st_nlink != 1:
+        raise ValueError(f"{st.st_nlink} hard links")
+    if st.st_size > max_size + MAILDROP_ENVELOPE_MAX:
+        raise ValueError(f"{st.st_size} bytes: larger than --max-size")
+    line = dropped.readline(MAILDROP_ENVELOPE_MAX + 1)
+    if not line.startswith(MAILDROP_LINE) or not line.endswith(b"\r\n"):
+        raise ValueError("its first line is no envelope")
+    if st.st_size - len(line) > max_size:
+        raise ValueError(f"{st.st_size - len(line)} bytes: larger than --max-size")
+    return checked_maildrop_envelope(line[len(MAILDROP_LINE):])
+
+
+def checked_maildrop_envelope(raw):
+    """(sender, recipients, body, smtputf8) from a maildrop envelope's JSON,
+    checked as the receiver checks MAIL and RCPT (ValueError if it is not)."""
+    import json
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise ValueError("its envelope is nested too deep") from None
+    if not isinstance(data, dict) or set(data) != {"sender", "recipients", "body", "smtputf8"}:
+        raise ValueError("its envelope is not one")
+    sender, recipients, body, smtputf8 = (data[k] for k in ("sender", "recipients", "body",
+                                                              "smtputf8"))
+    if not isinstance(recipients, list) or not 0 < len(recipients) <= MAILDROP_RECIPIENTS_MAX \
+            or not valid_address(sender) \
+            or not all(valid_address(r) and r for r in recipients):
+        raise ValueError("bad addresses in its envelope")
+    if body not in (None, "7BIT", "8BITMIME") or not isinstance(smtputf8, bool):
+        raise ValueError("a bad body type in its envelope")
+    return sender, recipients, body, smtputf8 or not all(a.isascii() for a in (sender, *recipients))
+
+
+def copy_as_crlf(source, size, draft):
+    """At most size bytes of source into draft, every line end made CRLF (a
+    bare CR or LF too, as the queue keeps every message)."""
+    carry = b""
+    while size > 0:
+        chunk = source.read(min(CHUNK_SIZE, size))
+        if not chunk:
+            break
+        size -= len(chunk)
+        data = carry + chunk
+        carry = b"\r" if data.endswith(b"\r") else b""
+        draft.write(crlf_only(data[:len(data) - len(carry)]))
+    if carry:
+        draft.write(b"\r\n")
+
+
+def crlf_only(text):
+    """text with every line end CRLF: a bare CR or LF becomes one."""
+    crlf = text.count(b"\r\n")
+    if text.count(b"\r") == crlf and text.count(b"\n") == crlf:
+        return text
+    return DataReader.NEWLINES.sub(b"\r\n", text)
+
+
+def local_received_line(uid, host, queue_id):
+    """The Received: line on top of a message from the maildrop: the file's
+    owner submitted it."""
+    try:
+        name = re.sub(r"[^\x21-\x7e]", "?", pwd.getpwuid(uid).pw_name)[:64]
+    except KeyError:
+        name = "unknown"
+    return (f"Received: from local user {name} (uid {uid})\r\n\tby {host} (minimail "
+            f"{__version__}) with local id {queue_id};\r\n\t{rfc5322_date()}\r\n").encode("ascii")
+
+
 class QueueRunner:
     """Delivers the spool through the tunnel, as one more client of the
     supervisor (so the tunnel starts on demand and lingers as usual).  It runs
@@ -3170,6 +3591,7 @@ class QueueRunner:
         self.waiting = Schedule(settings.queue_retry)
         self.loaded = False
         self.failed = 0                   # messages in failed/
+        self.untold = 0                   # of them, those nobody was told about
         self.wake = Event()
         self.wake_at = None               # when the runner's timer rings, monotonic (None: never)
         self.everything = True            # deliver all, not only what is due
@@ -3229,6 +3651,7 @@ class QueueRunner:
             "oldest": min((e.arrived for e in waiting), default=None),
             "next_try": self.waiting.next_try(),
             "failed": self.failed,
+            "untold": self.untold,
         }
 
     # -- the runner greenlet -------------------------------------------------
@@ -3263,18 +3686,23 @@ class QueueRunner:
             self.cleaned_at = self.waiting.monotonic()
             with self.writing:
                 in_thread(self.spool.forget_old_failures, time.time())
-            self.failed = len(self.spool.load("failed"))
+            self.count_failed()
         self.wake_at = self.waiting.next_due()
 
     def load(self):
         """What waits in the spool, at start."""
         for envelope in self.spool.load():
             self.waiting[envelope.id] = envelope
-        self.failed = len(self.spool.load("failed"))
+        self.count_failed()
         self.loaded = True
         if self.waiting:
             log.info("queue: %d message(s) waiting in %s", len(self.waiting), self.spool.root)
         self.on_change()
+
+    def count_failed(self):
+        failed = self.spool.load("failed")
+        self.failed = len(failed)
+        self.untold = sum(untold(envelope, self.settings.admin) for envelope in failed)
 
     def deliver(self, envelopes):
         """Through the tunnel: one connection for all these messages, and a
@@ -3391,6 +3819,7 @@ class QueueRunner:
         if self.write(step, envelope, write, envelope):
             self.drop(envelope)
             self.failed += failing
+            self.untold += failing and untold(envelope, self.settings.admin)
         elif self.waiting.get(envelope.id) is envelope:
             self.waiting.retry_in(envelope, self.settings.queue_retry)
 
@@ -3454,16 +3883,29 @@ class QueueRunner:
             self.finish(envelope, envelope.recipients, "expired; its bounce could not be queued")
 
     def bounce(self, envelope, failures, expired):
-        """Tell the sender what failed, in a delivery status notification queued
-        like any mail (from the null sender); a bounce is never bounced.  True
-        once done (or not needed); False if the bounce could not be queued: the
-        failed recipients then stay to do (never failed/ without a bounce)."""
+        """Tell the sender (or, for a bounce or mail without a sender, the admin
+        address) what failed, in a delivery status notification queued like
+        any mail, from the null sender.  True once done, or when there is
+        nobody to tell; False if it could not be queued: the failures are then
+        not noted and the failed recipients stay to do (never failed/ without
+        its bounce)."""
         noted = [[recipient, printable(reply, 300)] for recipient, reply in failures]
-        if envelope.bounce or not envelope.sender:
-            log.info("queue: %s: not bounced (it is a bounce, or has no sender): kept in failed/",
-                     envelope.id)
-            envelope.failures += noted
-            return True
+        envelope.failures += noted
+        done = False
+        try:
+            if untold(envelope, self.settings.admin):
+                log.info("queue: %s: not bounced (it is a bounce, or has no sender), and no "
+                         "other admin address to tell: kept in failed/", envelope.id)
+                done = True
+            else:
+                done = self.queue_bounce(envelope, failures, expired)
+        finally:
+            if not done:
+                del envelope.failures[-len(noted):]
+        return done
+
+    def queue_bounce(self, envelope, failures, expired):
+        to = envelope.sender if envelope.sender and not envelope.bounce else self.settings.admin
         try:
             with self.spool.open_message(envelope) as message:
                 header = read_header(message)
@@ -3473,12 +3915,11 @@ class QueueRunner:
             log.warning("queue: %s: cannot read it for its bounce (%s): its refused recipient(s) "
                         "stay to do", envelope.id, exc)
             return False
-        text = make_bounce(envelope, failures, header, self.hostname, expired)
+        text = make_bounce(envelope, failures, header, self.settings.mail_name, expired, to)
         draft = self.spool.draft()
-        notice = Envelope(draft.id, "", [envelope.sender], time.time(), len(text),
+        notice = Envelope(draft.id, "", [to], time.time(), len(text),
                           body=None if text.isascii() else "8BITMIME",
-                          smtputf8=not envelope.sender.isascii(), bounce=True,
-                          next_try=time.time())
+                          smtputf8=not to.isascii(), bounce=True, next_try=time.time())
         draft.write_envelope(notice)
         draft.write(text)
         try:
@@ -3488,7 +3929,6 @@ class QueueRunner:
             log.warning("queue: %s: cannot queue its bounce (%s): its refused recipient(s) "
                         "stay to do", envelope.id, exc.strerror)
             return False
-        envelope.failures += noted
         self.waiting[notice.id] = notice
         log.info("queue: %s: bounced as %s", envelope.id, notice.id)
         return True
@@ -3501,6 +3941,8 @@ class QueueRunner:
         being sent just now is never written back."""
         with self.writing:
             results = {queue_id: self.delete_one(queue_id) for queue_id in ids}
+        if "failed" in results.values():
+            self.count_failed()
         self.on_change()
         return results
 
@@ -3514,7 +3956,6 @@ class QueueRunner:
         if envelope is not None:
             self.drop(envelope)
             where = where or "queued"        # its file was gone already: forgotten now
-        self.failed = max(0, self.failed - (where == "failed"))
         log.info("queue: %s: %s", queue_id, f"deleted ({where})" if where else "not there")
         return where
 
@@ -3555,6 +3996,16 @@ def where_it_failed(exc):
     import traceback
     return " / ".join(f"{frame.name}:{frame.lineno}"
                       for frame in traceback.extract_tb(exc.__traceback__))
+
+
+def untold(envelope, admin):
+    """Whether a failed message is one nobody is told about: its bounce goes to
+    its sender, but a bounce (or mail with no sender) that fails goes to the
+    admin address only when that is not what failed (a double bounce)."""
+    if envelope.sender and not envelope.bounce:
+        return False
+    refused = {recipient.lower() for recipient, _ in envelope.failures}
+    return not admin or admin.lower() in refused
 
 
 def retry_delay(attempts, first):
@@ -3688,16 +4139,19 @@ def enhanced_status(reply, expired):
     return "4.4.7" if expired else "5.0.0"
 
 
-def make_bounce(envelope, failures, header, hostname, expired):
-    """A delivery status notification (RFC 3464): a short text in plain words,
-    message/delivery-status per recipient, and the original's header."""
+def make_bounce(envelope, failures, header, hostname, expired, to=None):
+    """A delivery status notification (RFC 3464) to the sender (or to `to`): a
+    short text in plain words, message/delivery-status per recipient, and the
+    original's header.  hostname: the mail name."""
+    to = envelope.sender if to is None else to
+    whose = "Your message" if to == envelope.sender else "A message that bounced, or had no sender,"
     from email.utils import formatdate, make_msgid
     now = formatdate(localtime=True)
     boundary = f"{envelope.id}.{os.urandom(4).hex()}/{hostname}"
     why = (f"it could not be delivered in {len(failures) and ''}the time allowed"
            if expired else "the hoster refused it")
     plain = [f"This is minimail on {hostname}.", "",
-             f"Your message (queue ID {envelope.id}) was not delivered to the recipients",
+             f"{whose} (queue ID {envelope.id}) was not delivered to the recipients",
              f"below: {why}. Nothing more will be tried for them.", ""]
     plain += [f"<{recipient}>: {reply}" for recipient, reply in failures]
     per_recipient = []
@@ -3708,7 +4162,7 @@ def make_bounce(envelope, failures, header, hostname, expired):
     status = [f"Reporting-MTA: dns; {hostname}", f"X-Minimail-Queue-ID: {envelope.id}",
               f"Arrival-Date: {formatdate(envelope.arrived, localtime=True)}", *per_recipient]
     head = [f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
-            f"To: <{envelope.sender}>", "Subject: Undelivered Mail Returned to Sender",
+            f"To: <{to}>", "Subject: Undelivered Mail Returned to Sender",
             f"Date: {now}", f"Message-ID: {make_msgid(domain=hostname)}",
             "Auto-Submitted: auto-replied", "MIME-Version: 1.0",
             f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
@@ -3845,7 +4299,7 @@ Paths = collections.namedtuple("Paths", "pidfile logfile queue")
 def default_paths():
     """Where the daemon's files go when not told otherwise."""
     if os.geteuid() == 0:
-        return Paths("/run/minimail/minimail.pid", "/var/log/minimail.log", "/var/spool/minimail")
+        return Paths("/run/minimail/minimail.pid", "/var/log/minimail.log", ROOT_QUEUE)
     state_home = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     state = os.path.join(state_home, "minimail")
     runtime = os.environ.get("XDG_RUNTIME_DIR")
@@ -4138,9 +4592,10 @@ STATE_SCHEMA = {
     "clients_active": NUMBER, "sessions": NUMBER, "bytes_from_clients": NUMBER,
     "bytes_to_clients": NUMBER, "updated": NUMBER,
     "tunnel": {"state": TEXT, "pid": NUMBER, "since": NUMBER, "stops_at": NUMBER,
-               "session": FLAG, "failures": NUMBER, "retry_at": NUMBER, "last_error": TEXT},
+               "session": FLAG, "failures": NUMBER, "retry_at": NUMBER, "last_error": TEXT,
+               "idle": TEXT},
     "queue": {"dir": TEXT, "count": NUMBER, "oldest": NUMBER, "next_try": NUMBER,
-              "failed": NUMBER},
+              "failed": NUMBER, "untold": NUMBER},
 }
 
 
@@ -4404,6 +4859,9 @@ def run(settings, listener, user, pidfile, readiness, logfile=None, warnings=())
         return 1
     log.info("listening on %s; tunnel: %s; queue: %s", where, settings.describe_tunnel(),
              settings.queue or "off")
+    if settings.idle:
+        log.warning("idle: %s: mail waits in the queue until it is set and minimail "
+                    "restarted", settings.idle)
     readiness.ready(where)
     return daemon.serve(readiness)
 
@@ -4423,6 +4881,7 @@ class Daemon:
         self.state = None
         self.runner = None
         self.queue_lock = None
+        self.maildrop = None
         self.greenlets = []
         self.signals = 0
 
@@ -4451,13 +4910,15 @@ class Daemon:
             self.runner = QueueRunner(spool, self.supervisor, settings, hostname, on_change)
             receiver = Receiver(spool, settings, hostname, on_queued=self.runner.queued,
                                 room_for=self.runner.room_for)
+            self.maildrop = Maildrop(spool, settings, hostname, self.runner.queued, on_change,
+                                     room_for=self.runner.room_for)
         self.forwarder = Forwarder(self.listener, self.supervisor, settings, receiver, on_change)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal_handler(signum, self.on_signal)
         signal_handler(signal.SIGHUP, self.logfile.reopen if self.logfile else note_sighup)
-        signal_handler(signal.SIGUSR1, self.runner.flush if self.runner else self.no_queue)
+        signal_handler(signal.SIGUSR1, self.flush if self.runner else self.no_queue)
         signal_handler(signal.SIGUSR2, self.runner.take_requests if self.runner else self.no_queue)
-        for part in (self.supervisor, self.runner):
+        for part in (self.supervisor, self.runner, self.maildrop):
             if part is not None:
                 greenlet = spawn(part.run)
                 greenlet.link_exception(lambda _: self.stopping.set())
@@ -4511,6 +4972,11 @@ class Daemon:
             log.warning("second signal: closing %d session(s) now", len(self.forwarder.sessions))
             self.forwarder.cut_all("cut: a second signal stopped minimail")
 
+    def flush(self):
+        """SIGUSR1 (`minimail flush`): take the maildrop in, deliver the queue."""
+        self.maildrop.flush()
+        self.runner.flush()
+
     @staticmethod
     def no_queue():
         log.info("SIGUSR1/SIGUSR2: there is no queue to flush or delete from (--no-queue)")
@@ -4526,6 +4992,7 @@ class Daemon:
             **self.forwarder.describe(),
             "tunnel": self.supervisor.describe(),
             "queue": self.runner.describe() if self.runner else None,
+            "maildrop": self.maildrop.waiting if self.maildrop else None,
             "updated": time.time(),
         }
 
@@ -4563,18 +5030,30 @@ def stop(pidfile):
     return 0
 
 
-def status(pidfile, as_json):
-    """Say whether the daemon runs and what it is doing: exit 0 if it runs, 3 if not."""
+def status(pidfile, as_json, queue=None):
+    """Say whether the daemon runs and what it is doing, and what waits in the
+    maildrop of its queue: exit 0 if it runs, 3 if not."""
     import json
     pid = daemon_pid(pidfile)
     state = read_state(pidfile) if pid else {}
+    dropped = maildrop_count(queue) if queue else None
+    if dropped is None and isinstance(state.get("maildrop"), int):
+        dropped = state["maildrop"]
     if as_json:
-        print(json.dumps({"running": bool(pid), "pid": pid, **state}, indent=1))
-    elif pid is None:
-        print("minimail is not running")
-    else:
-        print("\n".join(describe_status(pid, state)))
+        print(json.dumps({"running": bool(pid), "pid": pid, **state, "maildrop": dropped},
+                         indent=1))
+        return 0 if pid else 3
+    lines = ["minimail is not running"] if pid is None else describe_status(pid, state)
+    if dropped:
+        lines.append(describe_maildrop(queue, dropped, "taken in within a minute, or on flush"
+                                       if pid else "taken in when minimail starts"))
+    print("\n".join(lines))
     return 0 if pid else 3
+
+
+def describe_maildrop(queue, count, when):
+    return (f"maildrop: {count} message(s) left by the sendmail command in "
+            f"{os.path.join(queue, MAILDROP)}, not yet in the queue ({when})")
 
 
 def describe_status(pid, state):
@@ -4586,6 +5065,9 @@ def describe_status(pid, state):
                         "the state file is not readable for you: try sudo)"]
     lines[0] += f", up {format_duration(now - state['started'])}, listening on {state['listening']}"
     tunnel = state["tunnel"] or {}
+    if tunnel.get("idle"):
+        return lines + [f"tunnel: none: idle: {tunnel['idle']}",
+                        describe_queue_state(state.get("queue"), now)]
     line = f"tunnel: {tunnel.get('state')}"
     if tunnel.get("pid") and tunnel.get("since"):
         line += f" (pid {tunnel['pid']:.0f}, for {format_duration(now - tunnel['since'])})"
@@ -4611,7 +5093,8 @@ def describe_queue_state(queue, now):
         line += f", the oldest for {format_duration(now - queue['oldest'])}"
     if queue.get("next_try"):
         line += f", next try in {format_duration(queue['next_try'] - now)}"
-    return f"{line}; {queue['failed'] or 0:.0f} failed; in {queue['dir']}"
+    untold = f" ({queue['untold']:.0f} nobody was told about)" if queue.get("untold") else ""
+    return f"{line}; {queue['failed'] or 0:.0f} failed{untold}; in {queue['dir']}"
 
 
 def format_duration(seconds):
@@ -4632,7 +5115,7 @@ def queue_directory(explicit, settings_file, pidfile):
     return running or default_paths().queue
 
 
-def show_queue(directory, as_json):
+def show_queue(directory, as_json, admin=None):
     """List the queued and the failed mail; exit 0, or 1 if it cannot be read."""
     import json
     spool = Spool(directory)
@@ -4649,26 +5132,36 @@ def show_queue(directory, as_json):
             whose = f"it belongs to {owner_name(os.stat(directory).st_uid)}"
         except OSError:
             whose = "permission denied"
-        raise Fatal(f"cannot read the queue in {directory}: {whose} (try sudo)") from None
+        raise Fatal(f"cannot read the queue in {directory}: {whose}; listing it needs root "
+                    f"(try sudo)") from None
+    dropped = maildrop_count(directory)
     if as_json:
         entries = [{**describe_envelope(e), "state": "queued"} for e in queued] + \
-                  [{**describe_envelope(e), "state": "failed"} for e in failed]
-        print(json.dumps({"dir": directory, "messages": entries}, indent=1))
+                  [{**describe_envelope(e), "state": "failed", "untold": untold(e, admin)}
+                   for e in failed]
+        print(json.dumps({"dir": directory, "messages": entries, "maildrop": dropped}, indent=1))
     else:
-        print("\n".join(queue_listing(directory, queued, failed, time.time())))
+        lines = queue_listing(directory, queued, failed, time.time(), admin)
+        if dropped:
+            lines.append(describe_maildrop(directory, dropped, "taken in when minimail runs, "
+                                                                "or on flush"))
+        print("\n".join(lines))
     return 0
 
 
-def queue_listing(directory, queued, failed, now):
+def queue_listing(directory, queued, failed, now, admin=None):
     """The lines `minimail queue` prints (everything from disk escaped)."""
-    lines = [f"queue in {directory}: {len(queued)} message(s) waiting, {len(failed)} failed"]
+    told = sum(untold(e, admin) for e in failed)
+    lines = [f"queue in {directory}: {len(queued)} message(s) waiting, {len(failed)} failed"
+             + (f" ({told} nobody was told about)" if told else "")]
     for envelope in queued:
         lines += [queue_line(envelope, now),
                   f"    {envelope.attempts} attempt(s); next try in "
                   f"{format_duration(envelope.next_try - now)}; last reply: "
                   f"{printable(envelope.last_reply or 'none', 200)}"]
     for envelope in failed:
-        lines.append(queue_line(envelope, now) + "  FAILED")
+        lines.append(queue_line(envelope, now) + "  FAILED"
+                     + (", nobody was told" if untold(envelope, admin) else ""))
         lines += [f"    <{printable(recipient, 100)}>: {printable(reply, 200)}"
                   for recipient, reply in envelope.failures]
     if queued or failed:
@@ -4816,7 +5309,7 @@ def check_step(ok, text, fix=None):
     return ok
 
 
-def check(settings, settings_file):
+def check(settings, settings_file, invoker=None):
     """Try the tunnel once, as the daemon would, and say in plain words what works."""
     import shutil
     from gevent import spawn
@@ -4843,7 +5336,7 @@ def check(settings, settings_file):
         return 1
     closed = supervisor.all_gone.is_set()
     check_step(closed, f"tunnel closed (ssh {describe_exit(supervisor.last_exit)})")
-    show_sendmail_settings(settings_file)
+    show_sendmail_settings(settings_file, invoker)
     if greeted and closed:
         print(f"all good: minimail can send mail through {settings.destination}")
         return 0
@@ -4858,7 +5351,7 @@ def try_the_tunnel(supervisor, settings):
     try:
         upstream, child = supervisor.connect(settings.wait)
     except TunnelUnavailable as exc:
-        explain_tunnel_failure(supervisor.last_child, exc)
+        explain_tunnel_failure(supervisor.last_child, exc, settings)
         return None
     for _, passed, _ in CHECK_STEPS:
         check_step(True, passed)
@@ -4885,7 +5378,7 @@ def ssh_version(program):
     return printable(result.stderr or result.stdout, 200)
 
 
-def explain_tunnel_failure(child, exc):
+def explain_tunnel_failure(child, exc, settings):
     """Report which step failed, from ssh's own words."""
     said = list(child.said) if child else []
     failed_step, fix = "reach", "run ssh DESTINATION by hand to see what it wants"
@@ -4894,12 +5387,31 @@ def explain_tunnel_failure(child, exc):
         if re.search(pattern, telling):
             failed_step, fix = step, advice
             break
+    if failed_step == "host key" and "~/.ssh/known_hosts" in fix:
+        fix = fix.replace("~/.ssh/known_hosts", known_hosts_file(settings))
     for step, passed, failed in CHECK_STEPS:
         if step == failed_step:
             check_step(False, failed if said else f"{failed}: {exc}", fix)
             break
         check_step(True, passed)
     show_ssh_said(child)
+
+
+def known_hosts_file(settings):
+    """The known_hosts file ssh really uses for DESTINATION: the first of
+    UserKnownHostsFile, as `ssh -G` (the --ssh program, the -o options) says."""
+    import subprocess
+    options = [word for option in settings.ssh_options for word in ("-o", option)]
+    try:
+        result = subprocess.run([*settings.ssh, *options, "-G", settings.destination],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "~/.ssh/known_hosts"
+    for line in result.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        if key.lower() == "userknownhostsfile" and value.split():
+            return printable(value.split()[0], 200)
+    return "~/.ssh/known_hosts"
 
 
 def show_ssh_said(child):
@@ -4933,19 +5445,348 @@ def check_greeting(upstream, settings):
                       f"check --remote: {settings.remote} is not an SMTP server")
 
 
-def show_sendmail_settings(settings_file):
-    """What `minimail sendmail` (and a sendmail symlink) would use."""
+def show_sendmail_settings(settings_file, user=None):
+    """What `minimail sendmail` (and a sendmail symlink) would do for the user
+    who runs check, and for root (cron's jobs), whose settings file may be another."""
+    user = user or pwd.getpwuid(os.getuid()).pw_name
+    describe_sendmail(settings_file, user)
+    if user != "root" and settings_file.path != ROOT_SETTINGS:
+        try:
+            root_file = SettingsFile.read(ROOT_SETTINGS) if os.path.exists(ROOT_SETTINGS) \
+                else SettingsFile()
+        except UsageError as exc:
+            print(f"sendmail settings for root: {exc}")
+        else:
+            describe_sendmail(root_file, "root")
+
+
+def describe_sendmail(settings_file, user):
+    """The lines of show_sendmail_settings for one settings file."""
     where = settings_file.path or "no settings file (see Settings in --help)"
     try:
         family, ip, port = settings_file.listen()
         submits = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
     except UsageError as exc:
         submits = f"nowhere: {exc}"
-    print(f"sendmail settings: {where}")
+    names = MailNames(settings_file)
+    print(f"sendmail settings: {where} (for {user})")
     print(f"        submits to minimail at {submits}")
-    print(f"        sender: {settings_file.sender or default_sender() + ' (MINIMAIL_SENDER not set)'}")
+    print(f"        sender (of local mail, -f root@HOST too): {names.masquerade(user) or 'none'}"
+          + ("" if settings_file.sender else " (MINIMAIL_SENDER not set)"))
     print(f"        admin (for mail to root and other local names): "
           f"{settings_file.admin or 'not set: such mail is refused until MINIMAIL_ADMIN is set'}")
+    print(f"        aliases: {describe_aliases(settings_file.aliases)}")
+    print(f"        mail name (Message-IDs, bounces): {names.mail_name()}")
+    if not settings_file.sender and not settings_file.admin:
+        print("        warning: neither MINIMAIL_SENDER nor MINIMAIL_ADMIN is set: mail from "
+              "local users and to local names (cron's) cannot go out as it should")
+
+
+def describe_aliases(path):
+    try:
+        aliases = Aliases.read(path)
+    except FileNotFoundError:
+        return f"{path}: no such file (local names go to the admin address)"
+    except OSError as exc:
+        return f"{path}: cannot read it ({exc.strerror})"
+    problems = f"; {len(aliases.problems)} problem(s): see newaliases" if aliases.problems else ""
+    return f"{path}, {len(aliases.table)} alias(es){problems}"
+
+
+# ---------------------------------------------------------------------------
+# Local mail: this machine's names, the aliases file, the mail name (stdlib only)
+# ---------------------------------------------------------------------------
+
+#: The most of an aliases file or of /etc/mailname minimail reads (they come from outside).
+ALIASES_MAX = 1024 * 1024
+MAILNAME_MAX = 256
+#: Steps one recipient's alias expansion may take (chains, lists); the rest goes to the admin.
+ALIAS_STEPS_MAX = 1000
+#: The mail name when nothing better is known (never a bare short host name).
+MAIL_NAME_FALLBACK = "localhost.localdomain"
+#: Names every machine goes by (address literals included).
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "[127.0.0.1]", "[ipv6:::1]")
+#: A host name as minimail accepts it from a file or the resolver.
+HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,62}\.?)*", re.I)
+
+
+def domain_of(address):
+    """The domain of an address in lower case ('' for a bare name such as root)."""
+    _, at, domain = address.rpartition("@")
+    return domain.lower().rstrip(".") if at else ""
+
+
+def local_part(address):
+    """What comes before the last @ (the whole of a bare name)."""
+    local, at, _ = address.rpartition("@")
+    return local if at else address
+
+
+def dotted(name):
+    """A fully qualified name: dotted, and not localhost's."""
+    return bool(name) and "." in name.strip(".") and name.split(".")[0] != "localhost"
+
+
+def read_mailname(path=None):
+    """The name in /etc/mailname ($MINIMAIL_MAILNAME names another file), in
+    lower case; '' when there is none or it is no host name."""
+    path = path or os.environ.get("MINIMAIL_MAILNAME") or MAILNAME_FILE
+    try:
+        text = read_small_file(path, MAILNAME_MAX)
+    except OSError:
+        return ""
+    name = (text.decode("ascii", "replace").split() or [""])[0].lower().rstrip(".")
+    return name if HOST_NAME.fullmatch(name) and len(name) <= 253 else ""
+
+
+def read_small_file(path, limit):
+    """At most limit bytes of a file, opened so that a FIFO or a device never
+    stalls the command (/dev/null is an empty file, as a user means it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        return f.read(limit) or b""
+
+
+def choose_mail_name(file_name, fqdn, sender=None, admin=None):
+    """The mail name: /etc/mailname's if dotted, else the FQDN if dotted, else
+    the domain of the sender (or admin) address; None if none of them is."""
+    for name in (file_name, fqdn(), domain_of(sender or ""), domain_of(admin or "")):
+        if dotted(name):
+            return name
+    return None
+
+
+class MailNames:
+    """The names this machine goes by, for the sendmail command: which
+    addresses are local, and the mail name for Message-IDs and bounces.  The
+    FQDN is asked of the resolver only when it is needed."""
+
+    def __init__(self, settings_file, hostname=None, fqdn=None, mailname=None):
+        self.sender, self.admin = settings_file.sender, settings_file.admin
+        self.real = {domain_of(a) for a in (self.sender, self.admin) if a} - {""}
+        self.host = (hostname or socket.gethostname()).lower()
+        self.file_name = read_mailname() if mailname is None else mailname
+        self.names = {*LOOPBACK_NAMES, self.host, self.file_name} - self.real - {""}
+        self.fqdn = fqdn
+
+    def full_name(self):
+        if self.fqdn is None:
+            self.fqdn = socket.getfqdn().lower().rstrip(".")
+        return self.fqdn
+
+    def is_local(self, address):
+        """An address without @, or at one of this machine's names (but not
+        at the sender's or admin's mail domain)."""
+        domain = domain_of(address)
+        if not domain:
+            return True
+        if domain in self.real:
+            return False
+        return domain in self.names or domain == self.full_name()
+
+    def mail_name(self):
+        return choose_mail_name(self.file_name, self.full_name, self.sender, self.admin) \
+            or MAIL_NAME_FALLBACK
+
+    def masquerade(self, user=None):
+        """What a local sender becomes: MINIMAIL_SENDER, else MINIMAIL_ADMIN,
+        else the user at the mail name (when that is this machine's dotted
+        name), else None."""
+        if self.sender or self.admin:
+            return self.sender or self.admin
+        name = choose_mail_name(self.file_name, self.full_name)
+        user = user or pwd.getpwuid(os.getuid()).pw_name
+        return f"{user}@{name}" if name else None
+
+
+class Aliases:
+    """An aliases file (aliases(5)): names (lower case) to their targets, and
+    the problems found, [(line number, what)]."""
+
+    def __init__(self, path=None, table=None, problems=()):
+        self.path, self.table, self.problems = path, table or {}, list(problems)
+
+    @classmethod
+    def read(cls, path):
+        """The file's aliases (OSError if it cannot be read)."""
+        text = read_small_file(path, ALIASES_MAX + 1)
+        if len(text) > ALIASES_MAX:
+            return cls(path, {}, [(0, f"larger than {ALIASES_MAX} bytes: not read")])
+        return cls(path, *parse_aliases(text.decode("utf-8", "replace")))
+
+    @classmethod
+    def load(cls, path):
+        """For the sendmail command: a missing default file is no aliases; a
+        file that cannot be read is said on stderr, and none are used."""
+        try:
+            return cls.read(path)
+        except FileNotFoundError:
+            if path != DEFAULT_ALIASES:
+                print(f"minimail: the aliases file {printable(path, 200)} is missing: local "
+                      f"names go to the admin address", file=sys.stderr)
+        except OSError as exc:
+            print(f"minimail: cannot read the aliases file {printable(path, 200)} "
+                  f"({exc.strerror}): local names go to the admin address", file=sys.stderr)
+        return cls(path)
+
+
+def alias_lines(text):
+    """aliases(5)'s logical lines, [(line number, text)]: a line that starts
+    with white space continues the one before; empty lines and lines whose
+    first character that is not white space is # are skipped.  Also the
+    problems: [(line number, what)]."""
+    lines, problems = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0] in " \t":
+            if lines:
+                lines[-1][1] += " " + line.strip()
+            else:
+                problems.append((number, "a continuation line (it starts with white space) "
+                                         "with no alias before it"))
+            continue
+        lines.append([number, line.strip()])
+    return lines, problems
+
+
+def parse_aliases(text):
+    """({name: [target, ...]}, [(line number, problem)]) of an aliases file."""
+    lines, problems = alias_lines(text)
+    table, first_seen = {}, {}
+    for number, line in lines:
+        name, targets, problem = parse_alias(line)
+        if problem is None and name in table:
+            problem = (f"{name} is given again (first on line {first_seen[name]}): "
+                       f"this one is ignored")
+        if problem is not None:
+            problems.append((number, problem))
+            continue
+        table[name], first_seen[name] = targets, number
+    return table, sorted(problems)
+
+
+def parse_alias(line):
+    """(name, targets, None) of one logical line, or (None, None, the problem)."""
+    quoted = line.startswith('"')
+    if quoted:                            # "a name with : or white space": ...
+        end = line.find('"', 1)
+        name, rest = (line[1:end], line[end + 1:].lstrip()) if end > 0 else ("", "")
+    else:
+        name, _, rest = line.partition(":")
+        name, rest = name.strip(), ":" + rest if _ else ""
+    if not rest.startswith(":"):
+        return None, None, f"no colon: not `name: target, ...` ({printable(line, 60)})"
+    if not name or not name.isprintable() or (not quoted and any(c.isspace() for c in name)):
+        return None, None, f"{printable(name, 60)!r} is not an alias name"
+    targets = [unquoted(t.strip()) for t in split_outside_quotes(rest[1:], ",")]
+    targets = [t for t in targets if t]
+    if not targets:
+        return None, None, f"{printable(name, 60)} has no target"
+    bad = [t for t in targets if not t.isprintable() or len(t) > ADDRESS_MAX]
+    if bad:
+        return None, None, f"{printable(name, 60)}: {printable(bad[0], 60)!r} is no target"
+    return name.lower(), targets, None
+
+
+def split_outside_quotes(text, separator):
+    """text split at each separator that is not inside "..." (a backslash
+    escapes the next character there)."""
+    pieces, piece, quoted, escaped = [], [], False, False
+    for c in text:
+        if escaped:
+            escaped = False
+        elif quoted and c == "\\":
+            escaped = True
+        elif c == '"':
+            quoted = not quoted
+        elif c == separator and not quoted:
+            pieces.append("".join(piece))
+            piece = []
+            continue
+        piece.append(c)
+    return pieces + ["".join(piece)]
+
+
+def unquoted(target):
+    """A target written wholly in quotes ("|command with, commas") without them."""
+    if len(target) >= 2 and target[0] == target[-1] == '"' and target.count('"') == 2:
+        return target[1:-1]
+    return target
+
+
+class Expansion(enum.Enum):
+    """What an alias target is to the sendmail command."""
+    ADDRESS = "an address"
+    LOCAL = "a local name"
+    COMMAND = "a command"
+    FILE = "a file"
+    INCLUDE = "an :include: file"
+
+
+def target_kind(target, names):
+    if target.startswith("|"):
+        return Expansion.COMMAND
+    if target.lower().startswith(":include:"):
+        return Expansion.INCLUDE
+    if target.startswith("/"):
+        return Expansion.FILE
+    return Expansion.LOCAL if names.is_local(target) else Expansion.ADDRESS
+
+
+#: Stands for the admin address in an expansion.
+TO_ADMIN = object()
+
+
+def expand(recipient, aliases, names):
+    """Where mail to recipient goes: ([address or TO_ADMIN], [notes for
+    stderr]).  Local names are looked up in the aliases, chains followed,
+    loops stopped; a name without an alias, a loop, a command, a file or an
+    :include: goes to the admin address (none of them is ever run or read)."""
+    found, notes, todo, steps = [], [], [(recipient, ())], 0
+    while todo:
+        address, chain = todo.pop(0)
+        steps += 1
+        if steps > ALIAS_STEPS_MAX:
+            notes.append(f"{printable(recipient, 100)}: more than {ALIAS_STEPS_MAX} aliases: "
+                         f"the rest goes to the admin address")
+            found.append(TO_ADMIN)
+            break
+        kind = target_kind(address, names)
+        name = local_part(address).lower()
+        targets = aliases.table.get(name) if kind is Expansion.LOCAL and name not in chain \
+            and not name.startswith("\\") else None
+        if targets is not None:
+            todo[0:0] = [(target, chain + (name,)) for target in targets]
+            continue
+        found.append(address if kind is Expansion.ADDRESS else TO_ADMIN)
+        note = expansion_note(kind, address, name, chain or (recipient,))
+        if note:
+            notes.append(note)
+    return found, notes
+
+
+def expansion_note(kind, address, name, chain):
+    """What the sendmail command says on stderr of a target that goes to the
+    admin address instead: a command, a file, a loop (None: nothing to say)."""
+    if kind in (Expansion.COMMAND, Expansion.FILE, Expansion.INCLUDE):
+        return (f"{printable(chain[-1], 100)}: {printable(address, 100)} is {kind.value}, which "
+                f"minimail never {'runs' if kind is Expansion.COMMAND else 'reads'}: that mail "
+                f"goes to the admin address")
+    if kind is Expansion.LOCAL and name in chain and chain[-1] != name:
+        # (`root: root, ...` is no loop: it only means "keep a copy here too")
+        return (f"alias loop: {printable(' -> '.join(chain + (name,)), 200)}: that mail goes "
+                f"to the admin address")
+    return None
+
+
+def admin_address(settings_file, names):
+    """MINIMAIL_ADMIN, when it is a real address (else SendmailExit 78)."""
+    admin = settings_file.admin
+    if admin and names.is_local(admin):
+        raise SendmailExit(EX_CONFIG, f"MINIMAIL_ADMIN={printable(admin, 100)} is a local name "
+                                      f"itself: give a full address (you@example.org)")
+    return admin
 
 
 # ---------------------------------------------------------------------------
@@ -4958,6 +5799,8 @@ EX_SOFTWARE, EX_TEMPFAIL, EX_CONFIG = 70, 75, 78
 #: sendmail(8)'s flags: without a value; with one (attached, or the next word).
 SENDMAIL_PLAIN_FLAGS = "tivmnGU"
 SENDMAIL_VALUE_FLAGS = "frFBboCLNRVXhOAp"
+#: --max-size's default (as the docstring says), for the sendmail command.
+MAX_SIZE_DEFAULT = 52428800
 #: How long the sendmail command waits for minimail (it may hold the client
 #: while the tunnel starts, up to --wait, before the queue takes the mail).
 SUBMIT_TIMEOUT = 300.0
@@ -4969,6 +5812,18 @@ class SendmailExit(Exception):
     def __init__(self, status, message):
         super().__init__(message)
         self.status = status
+
+
+class Unreachable(SendmailExit):
+    """minimail cannot be reached: nothing listens, or it went away before its
+    final reply.  Only this sends the mail to the maildrop (a reply, even a 4xx,
+    means minimail runs and has spoken)."""
+
+    def __init__(self, what, detail, message, pending=None):
+        super().__init__(EX_TEMPFAIL, message)
+        self.what = what                  # "is not running", "went away"
+        self.detail = detail              # where, and what happened
+        self.pending = pending            # the recipients not yet accepted (None: all)
 
 
 SendmailFlags = collections.namedtuple(
@@ -5038,12 +5893,12 @@ def sendmail_main(argv):
         except UsageError as exc:
             raise SendmailExit(EX_CONFIG, str(exc)) from None
         if flags.mode == "p":
-            return show_queue(queue_directory(None, settings_file, sendmail_pidfile(settings_file)),
-                              as_json=False)
+            return show_queue(mailq_directory(settings_file), as_json=False,
+                              admin=settings_file.admin)
         if flags.mode == "q":
             return flush(sendmail_pidfile(settings_file))
         if flags.mode == "i":
-            return EX_OK                 # newaliases: minimail has no aliases
+            return newaliases(settings_file.aliases)
         if flags.mode == "s":
             return smtp_on_stdio(settings_listen(settings_file))
         return submit_from_stdin(flags, recipients, settings_file)
@@ -5061,6 +5916,39 @@ def sendmail_main(argv):
         return EX_SOFTWARE
 
 
+def newaliases(path):
+    """newaliases, sendmail -bi: check the aliases file and say how many
+    aliases it holds (minimail reads it as it is: there is nothing to build).
+    0, or 1 with a `file:line: problem` line for each problem."""
+    try:
+        aliases = Aliases.read(path)
+    except FileNotFoundError:
+        print(f"{path}: no such file: 0 aliases (local names go to MINIMAIL_ADMIN)")
+        return EX_OK
+    except OSError as exc:
+        print(f"minimail: cannot read the aliases file {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    for number, problem in aliases.problems:
+        print(f"{path}:{number}: {problem}", file=sys.stderr)
+    count = len(aliases.table)
+    print(f"{path}: {count} alias{'' if count == 1 else 'es'}")
+    return 1 if aliases.problems else EX_OK
+
+
+#: Where the machine's minimail keeps its queue: root's daemon, the service.
+MACHINE_QUEUES = ("/var/spool/minimail", "/var/lib/minimail/queue")
+
+
+def mailq_directory(settings_file, machine_queues=MACHINE_QUEUES):
+    """The queue mailq lists: the settings file's --queue, a running daemon's
+    (the user's own), the user's own queue if there is one, else the machine's
+    minimail's (root's daemon's, the service's), which may need root to read."""
+    found = queue_directory(None, settings_file, sendmail_pidfile(settings_file))
+    if found != default_paths().queue or os.path.exists(found):
+        return found
+    return next((queue for queue in machine_queues if os.path.exists(queue)), found)
+
+
 def sendmail_pidfile(settings_file):
     return os.path.abspath(settings_file.option("--pidfile") or default_paths().pidfile)
 
@@ -5073,10 +5961,11 @@ def settings_listen(settings_file):
 
 
 def submit_from_stdin(flags, recipients, settings_file):
-    """Read the message, complete its header as an MTA would, submit it."""
+    """Read the message, address it and complete its header as an MTA would
+    (see "Local mail"), submit it (or, when minimail cannot be reached, leave
+    it in the maildrop)."""
     hostname = smtp_hostname()
-    text = read_message(sys.stdin.buffer, flags.dot_ends)
-    header, body = split_header(text)
+    header, body = read_message(sys.stdin.buffer, flags.dot_ends)
     if flags.recipients_from_header:
         found, header = header_recipients(header)
         if not found and not recipients:
@@ -5085,45 +5974,205 @@ def submit_from_stdin(flags, recipients, settings_file):
         recipients = found + recipients
     if not recipients:
         raise SendmailExit(EX_USAGE, "no recipients given (name them, or use -t)")
-    sender = flags.sender if flags.sender is not None else \
-        (settings_file.sender or default_sender(hostname))
-    recipients = deliverable(recipients, settings_file)
-    for address in (sender, *recipients):
-        if address and not valid_address(address):
-            raise SendmailExit(EX_USAGE, f"'{printable(address, 100)}' is not an address "
-                                         f"(no line breaks, control characters or <>)")
+    check_addresses(flags.sender or "", *recipients)
     if flags.full_name is not None and not flags.full_name.isprintable():
         raise SendmailExit(EX_USAGE, "-F: the name may hold no line breaks or control characters")
-    header = completed_header(header, sender, flags.full_name, hostname)
-    message = b"".join(line + b"\r\n" for line in header) + b"\r\n" + body
+    sender, recipients, header = address_locally(flags, recipients, header, settings_file,
+                                                 hostname)
+    check_addresses(sender, *recipients)
+    message = MessageFile(b"".join(line + b"\r\n" for line in header) + b"\r\n", body)
     options = []
     if flags.body == "7BIT":
         options.append("BODY=7BIT")
-    elif flags.body == "8BITMIME" or not message.isascii():
+    elif flags.body == "8BITMIME" or message.eight_bit:
         options.append("BODY=8BITMIME")
     if not all(a.isascii() for a in (sender, *recipients)):
         options.append("SMTPUTF8")
-    return submit(settings_listen(settings_file), sender, recipients, message, options,
-                  flags.verbose, hostname)
+    try:
+        return submit(settings_listen(settings_file), sender, recipients, message, options,
+                      flags.verbose, hostname)
+    except Unreachable as exc:
+        return keep_in_maildrop(exc, settings_file, sender, recipients, message, options)
 
 
-def default_sender(hostname=None):
-    return f"{pwd.getpwuid(os.getuid()).pw_name}@{hostname or smtp_hostname()}"
+def check_addresses(*addresses):
+    for address in addresses:
+        if address and not valid_address(address):
+            raise SendmailExit(EX_USAGE, f"'{printable(address, 100)}' is not an address "
+                                         f"(no line breaks, control characters or <>)")
+
+
+def address_locally(flags, recipients, header, settings_file, hostname):
+    """The sendmail command as the machine's MTA (see "Local mail" in --help):
+    (the envelope sender, the recipients as the aliases lead, the header with
+    its local addresses rewritten and Date, Message-ID and From added)."""
+    names = MailNames(settings_file, hostname=hostname)
+    aliases = Aliases.load(settings_file.aliases)
+    recipients = deliverable(recipients, settings_file, aliases, names, show_notes=True)
+    sender = envelope_sender(flags.sender, settings_file, names)
+    delivered = lambda address: deliverable([address], settings_file, aliases, names, quiet=True)
+    header = rewrite_header(header, names.is_local, names.masquerade(), delivered)
+    header = completed_header(header, sender, flags.full_name, names.mail_name())
+    return sender, recipients, header
 
 
 def read_message(stream, dot_ends):
-    """Standard input up to its end (or, unless -i, a line with a lone dot),
-    with its line ends made CRLF."""
-    lines = []
-    for line in stream:
-        line = line.rstrip(b"\n").rstrip(b"\r")
+    """(header lines, body) of standard input up to its end (or, unless -i, a
+    line with a lone dot), with its line ends made CRLF.  The header is kept as
+    lines, to be completed; the body goes to a temporary file as it comes, so
+    a large message costs little memory."""
+    try:
+        head, ended, rest = read_head(stream, dot_ends)
+        header, start = split_header(b"".join(line + b"\r\n" for line in head))
+        body = MessageBody()
+        body.write(start)
+        if not ended:
+            copy_body(stream, body, dot_ends, rest)
+    except OSError as exc:
+        raise SendmailExit(EX_TEMPFAIL, f"cannot keep the message in a temporary file in "
+                                        f"{scratch_directory()}: {exc.strerror}") from None
+    return header, body
+
+
+def read_head(stream, dot_ends):
+    """The message's first lines, without their line ends, up to the first that
+    cannot be part of the header (at most HEADER_MAX bytes): (lines, whether
+    the input ended, the start of a line too long to be a header line)."""
+    lines, size = [], 0
+    while size < HEADER_MAX:
+        raw = stream.readline(HEADER_MAX)
+        if len(raw) == HEADER_MAX and not raw.endswith(b"\n"):
+            return lines, False, raw
+        if not raw:
+            return lines, True, b""
+        line = raw.rstrip(b"\n").rstrip(b"\r")
         if dot_ends and line == b".":
-            break
+            return lines, True, b""
         lines.append(line)
-    return b"".join(line + b"\r\n" for line in lines)
+        size += len(raw)
+        if not (HEADER_FIELD.match(line) or line[:1] in (b" ", b"\t")
+                or (len(lines) == 1 and line.startswith(b"From "))):
+            break
+    return lines, False, b""
+
+
+#: A line end as the sendmail command takes it: LF, after any CRs.
+LINE_END = re.compile(rb"\r*\n")
+
+
+def copy_body(stream, body, dot_ends, carry=b""):
+    """The rest of standard input into body, chunk by chunk, with its line ends
+    made CRLF, up to its end or (dot_ends) a line with a lone dot."""
+    line_start = True                     # carry begins a line
+    while True:
+        chunk = stream.read1(CHUNK_SIZE)
+        if not chunk:
+            break
+        data = carry + chunk
+        end = data.rfind(b"\n") + 1
+        if end:
+            text, carry = data[:end], data[end:]
+            text = LINE_END.sub(b"\r\n", text) if b"\r" in text else text.replace(b"\n", b"\r\n")
+            cut = lone_dot(text, line_start) if dot_ends else -1
+            body.write(text if cut < 0 else text[:cut])
+            if cut >= 0:
+                return
+            line_start = True
+        else:
+            carry = data
+        if len(carry) > CHUNK_SIZE:       # a long line goes on in pieces
+            piece = carry.rstrip(b"\r") or carry[:-1]
+            body.write(piece)
+            carry, line_start = carry[len(piece):], False
+    last = carry.rstrip(b"\r")
+    if carry and not (dot_ends and line_start and last == b"."):
+        body.write(last + b"\r\n")
+
+
+def lone_dot(text, line_start):
+    """Where the line with a lone dot begins in CRLF text, or -1."""
+    if line_start and text.startswith(b".\r\n"):
+        return 0
+    found = text.find(b"\r\n.\r\n")
+    return found + 2 if found >= 0 else -1
+
+
+def scratch_directory():
+    return os.environ.get("TMPDIR") or "/tmp"
+
+
+def scratch_file():
+    """A new temporary file without a name (0600), in $TMPDIR or /tmp: its descriptor."""
+    directory = scratch_directory()
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+    path = os.path.join(directory, f".minimail-{os.urandom(16).hex()}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.unlink(path)
+    return fd
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class MessageBody:
+    """A message's body in a temporary file, written once as it is read."""
+
+    def __init__(self):
+        self.fd = scratch_file()
+        self.size = 0
+        self.eight_bit = False
+
+    def write(self, data):
+        self.eight_bit = self.eight_bit or not data.isascii()
+        self.size += len(data)
+        write_all(self.fd, data)
+
+
+class MessageFile(io.RawIOBase):
+    """The message as one file that can be read again from any point: its
+    header's bytes, then the body's temporary file."""
+
+    def __init__(self, head, body):
+        super().__init__()
+        self.head, self.body, self.position = head, body, 0
+        self.size = len(head) + body.size
+        self.eight_bit = body.eight_bit or not head.isascii()
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.position
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer):
+        if self.position < len(self.head):
+            data = self.head[self.position:self.position + len(buffer)]
+        else:
+            data = os.pread(self.body.fd, len(buffer), self.position - len(self.head))
+        buffer[:len(data)] = data
+        self.position += len(data)
+        return len(data)
 
 
 HEADER_FIELD = re.compile(rb"[!-9;-~]+:")
+#: The most of a message's header the sendmail command keeps in memory (the
+#: rest, if a header is longer, goes on as the body's beginning).
+HEADER_MAX = 1024 * 1024
 
 
 def split_header(text):
@@ -5177,21 +6226,175 @@ def header_recipients(header):
     return found, kept
 
 
-def deliverable(recipients, settings_file):
+def deliverable(recipients, settings_file, aliases=None, names=None, show_notes=False,
+                quiet=False):
     """Recipients as the hoster must see them: a local name (cron mails root)
-    goes to the admin address.  Each once, in order."""
-    result = []
+    is looked up in the aliases, and what stays local goes to the admin
+    address.  Each once, in order.  quiet: a local name with no admin address
+    to go to stays as it is (for the header), instead of SendmailExit 67."""
+    aliases, names = aliases or Aliases(), names or MailNames(settings_file)
+    result, shown = [], set()
     for recipient in recipients:
-        if "@" not in recipient:
-            if not settings_file.admin:
+        found, notes = expand(recipient, aliases, names)
+        for note in notes if show_notes else ():
+            if note not in shown:
+                print(f"minimail: {note}", file=sys.stderr)
+                shown.add(note)
+        if TO_ADMIN in found:
+            admin = admin_address(settings_file, names)
+            if not admin and quiet:
+                return []
+            if not admin:
                 where = settings_file.path or os.path.expanduser("~/.config/minimail/minimail.conf")
                 raise SendmailExit(EX_NOUSER, f"{recipient!r} is a local name, and no admin address "
                                               f"is set to send it to: set MINIMAIL_ADMIN=you@example.org "
                                               f"in {where}")
-            recipient = settings_file.admin
-        if recipient not in result:
-            result.append(recipient)
+            found = [admin if address is TO_ADMIN else address for address in found]
+        for address in found:
+            if address not in result:
+                result.append(address)
     return result
+
+
+def envelope_sender(given, settings_file, names):
+    """-f's address if it is a real one (or <>); a local one (-f root@HOST, as
+    GNU mailutils passes), or none given, becomes the masqueraded sender."""
+    if given == "" or (given and not names.is_local(given)):
+        return given
+    masqueraded = names.masquerade()
+    if not masqueraded:
+        where = settings_file.path or os.path.expanduser("~/.config/minimail/minimail.conf")
+        raise SendmailExit(EX_CONFIG, f"no sender address for local mail: set "
+                                      f"MINIMAIL_SENDER=you@example.org in {where}")
+    return masqueraded
+
+
+def top_level(value):
+    """For each character of a header field's value: whether it is outside
+    quotes, comments and <...>.  The comment depth at the end must be 0."""
+    flags, quoted, depth, angle, escaped = [], False, 0, False, False
+    for c in value:
+        outside = not (quoted or depth or angle or escaped)
+        if escaped:
+            escaped = False
+        elif c == "\\" and (quoted or depth):
+            escaped = True
+        elif quoted:
+            quoted = c != '"'
+        elif c == '"' and not depth:
+            quoted = True
+        elif c == "(":
+            depth += 1
+        elif c == ")" and depth:
+            depth -= 1
+        elif c == "<" and not depth:
+            angle = True
+        elif c == ">" and angle:
+            angle = False
+        flags.append(outside)
+    return flags, not (quoted or depth or angle)
+
+
+def split_mailboxes(value):
+    """The mailboxes of an address field, as written (commas inside quotes,
+    comments and <...> are no separators); None if the field holds a group
+    or is not well formed (it is then left as it is)."""
+    flags, closed = top_level(value)
+    if not closed or any(f and c in ":;" for c, f in zip(value, flags)):
+        return None
+    pieces, start = [], 0
+    for i, (c, outside) in enumerate(zip(value, flags)):
+        if outside and c == ",":
+            pieces.append(value[start:i].strip())
+            start = i + 1
+    pieces.append(value[start:].strip())
+    return [p for p in pieces if p]
+
+
+def parse_mailbox(text):
+    """(display name, address) of one mailbox: `Name <addr>`, `addr (Name)`
+    or a bare `addr`; the name as written ('' when there is none)."""
+    flags, _ = top_level(text)
+    opening = next((i for i, (c, f) in enumerate(zip(text, flags)) if f and c == "<"), -1)
+    closing = text.find(">", opening) if opening >= 0 else -1
+    if closing > 0:
+        return text[:opening].strip(), text[opening + 1:closing].strip()
+    comments = re.findall(r"\(((?:[^()\\]|\\.)*)\)", text)
+    address = re.sub(r"\((?:[^()\\]|\\.)*\)", " ", text).strip()
+    return " ".join(c.strip() for c in comments if c.strip()), address
+
+
+def format_mailbox(name, address):
+    """`name <address>`, the name quoted when it must be; a bare address without one."""
+    if not name:
+        return address
+    plain = not name.startswith(('"', "=?"))
+    if plain and re.search(r'[()<>\[\]:;@\\,"]', name):
+        name = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{name} <{address}>"
+
+
+def rewritten_field(value, replace):
+    """The field's value with each local address replaced by replace(address)
+    (a list of addresses; [] keeps it), or None when nothing changes."""
+    mailboxes = split_mailboxes(value)
+    if mailboxes is None:
+        return None
+    out, changed = [], False
+    for mailbox in mailboxes:
+        name, address = parse_mailbox(mailbox)
+        new = replace(address) if address else []
+        if not new:
+            out.append(mailbox)
+            continue
+        changed = True
+        name = name if len(new) == 1 else ""       # a name for one address, not for a list
+        out += [format_mailbox(name, a) for a in new if format_mailbox(name, a) not in out]
+    return out if changed else None
+
+
+def fold(name, mailboxes):
+    """A header field of several mailboxes as lines: one line if it fits in
+    78 characters, else one mailbox on each."""
+    line = f"{name}: {', '.join(mailboxes)}"
+    if len(line) <= 78:
+        return [line]
+    return [f"{name}: {mailboxes[0]}" + ("," if len(mailboxes) > 1 else "")] + \
+        [f" {m}" + ("," if i < len(mailboxes) - 1 else "") for i, m in enumerate(mailboxes) if i]
+
+
+def rewrite_header(header, is_local, masqueraded, delivered):
+    """The header lines with the local addresses (is_local) of From, Sender and
+    Reply-To made the masqueraded sender, and those of To and Cc made where
+    they go, delivered(address) (a list).  Other fields, and fields with no
+    local address, stay as they are, byte for byte."""
+    out, i = [], 0
+    while i < len(header):
+        end = i + 1
+        while end < len(header) and header[end][:1] in (b" ", b"\t"):
+            end += 1
+        out += rewritten_lines(header[i:end], is_local, masqueraded, delivered)
+        i = end
+    return out
+
+
+def rewritten_lines(lines, is_local, masqueraded, delivered):
+    """One header field (its lines) rewritten as rewrite_header says."""
+    name, _, first = lines[0].partition(b":")
+    kind = name.strip().lower()
+    if kind not in (b"from", b"sender", b"reply-to", b"to", b"cc"):
+        return lines
+    value = b" ".join([first.strip()] + [line.strip() for line in lines[1:]])
+    text = value.decode("utf-8", "surrogateescape")
+    if kind in (b"to", b"cc"):
+        replace = lambda address: delivered(address) if is_local(address) else []
+    else:
+        replace = lambda address: [masqueraded] if masqueraded and is_local(address) else []
+    mailboxes = rewritten_field(text, replace)
+    if mailboxes is None:
+        return lines
+    field = name.decode("ascii", "replace").strip()
+    return [line.encode("utf-8", "surrogateescape") for line in fold(field, mailboxes)]
 
 
 def completed_header(header, sender, full_name, hostname):
@@ -5225,10 +6428,20 @@ class Submission:
         try:
             self.sock = socket.create_connection((ip, port), timeout=SUBMIT_TIMEOUT)
         except OSError as exc:
-            raise SendmailExit(EX_TEMPFAIL, f"cannot reach minimail at {self.where}: "
-                                            f"{describe_error(exc)} (is it running? minimail "
-                                            f"status)") from None
+            text = (f"cannot reach minimail at {self.where}: {describe_error(exc)} (is it "
+                    f"running? minimail status)")
+            if isinstance(exc, ConnectionRefusedError):      # nothing listens
+                raise Unreachable("is not running", f"{self.where}: {describe_error(exc)}",
+                                  text) from None
+            raise SendmailExit(EX_TEMPFAIL, text) from None
         self.replies = self.sock.makefile("rb")
+
+    def failed(self, exc):
+        """The exception for a connection that failed mid-way: gone, or timed out."""
+        if isinstance(exc, ConnectionError):                  # a reset, a broken pipe
+            return Unreachable("went away", f"{self.where}: {describe_error(exc)}",
+                               f"minimail at {self.where}: {describe_error(exc)}")
+        return SendmailExit(EX_TEMPFAIL, f"minimail at {self.where}: {describe_error(exc)}")
 
     def reply(self):
         """(code, the reply's lines joined) of the next reply."""
@@ -5237,15 +6450,14 @@ class Submission:
             while True:
                 line = self.replies.readline(REPLY_MAX * 2)
                 if not line:
-                    raise SendmailExit(EX_TEMPFAIL, f"minimail at {self.where} closed the "
-                                                    f"connection")
+                    raise Unreachable("went away", f"{self.where}: it closed the connection",
+                                      f"minimail at {self.where} closed the connection")
                 self.show("<<<", line)
                 lines.append(printable(line[4:], REPLY_MAX))
                 if line[3:4] != b"-":
                     break
         except OSError as exc:
-            raise SendmailExit(EX_TEMPFAIL, f"minimail at {self.where}: {describe_error(exc)}") \
-                from None
+            raise self.failed(exc) from None
         code = int(line[:3]) if line[:3].isdigit() else 0
         return code, " ".join(lines)
 
@@ -5254,8 +6466,7 @@ class Submission:
         try:
             self.sock.sendall(data)
         except OSError as exc:
-            raise SendmailExit(EX_TEMPFAIL, f"minimail at {self.where}: {describe_error(exc)}") \
-                from None
+            raise self.failed(exc) from None
 
     def command(self, line):
         self.send(line.encode("utf-8") + b"\r\n")
@@ -5299,8 +6510,7 @@ def submit(listen, sender, recipients, message, options, verbose, hostname):
             status = EX_NOUSER if all(c >= 500 for c, _ in refused.values()) else EX_TEMPFAIL
             raise SendmailExit(status, f"every recipient was refused: {code} {text}")
         smtp.expect(smtp.command("DATA"), 354)
-        stuffed = (b"." if message.startswith(b".") else b"") + message.replace(b"\r\n.", b"\r\n..")
-        smtp.send(stuffed + (b"" if stuffed.endswith(b"\r\n") else b"\r\n") + b".\r\n")
+        send_stuffed(smtp, message)
         smtp.expect(smtp.reply(), 250)
         try:
             smtp.command("QUIT")
@@ -5312,6 +6522,143 @@ def submit(listen, sender, recipients, message, options, verbose, hostname):
         print(f"minimail: <{printable(recipient, 100)}> was refused: {code} {text}",
               file=sys.stderr)
     return EX_OK
+
+
+def send_stuffed(smtp, message):
+    """The message's text, dot-stuffed, then the final dot: streamed from its
+    file (whose lines end in CRLF, so a dot after each LF is all to double)."""
+    message.seek(0)
+    line_start = True
+    while True:
+        chunk = message.read(CHUNK_SIZE)
+        if not chunk:
+            break
+        stuffed = chunk.replace(b"\n.", b"\n..")
+        smtp.send(b"." + stuffed if line_start and chunk.startswith(b".") else stuffed)
+        line_start = chunk.endswith(b"\n")
+    smtp.send(b".\r\n" if line_start else b"\r\n.\r\n")
+
+
+def keep_in_maildrop(unreachable, settings_file, sender, recipients, message, options):
+    """minimail cannot be reached: leave the message in its queue's maildrop,
+    which it takes in when it starts (exit 0).  With no maildrop, exit 75."""
+    queue, maildrop = find_maildrop(settings_file)
+    if maildrop is None:
+        raise unreachable
+    where = os.path.join(queue, MAILDROP)
+    try:
+        if message.size > maildrop_size_limit(settings_file):
+            raise SendmailExit(EX_TEMPFAIL, f"{unreachable}; the message ({message.size} bytes) "
+                                            f"is larger than --max-size: not kept in {where}")
+        pending = recipients if unreachable.pending is None else unreachable.pending
+        write_to_maildrop(maildrop, maildrop_envelope(sender, pending, options), message)
+    except OSError as exc:
+        raise SendmailExit(EX_TEMPFAIL, f"{unreachable}; and {where} cannot keep the mail: "
+                                        f"{exc.strerror}") from None
+    finally:
+        os.close(maildrop)
+    print(f"minimail: minimail {unreachable.what} ({unreachable.detail}): the mail waits in "
+          f"{where} and goes out once minimail runs", file=sys.stderr)
+    return EX_OK
+
+
+def maildrop_size_limit(settings_file):
+    """The largest message the daemon takes from the maildrop: --max-size in
+    the settings file, else its default."""
+    try:
+        return parse_count(settings_file.option("--max-size") or str(MAX_SIZE_DEFAULT),
+                           "--max-size")
+    except UsageError as exc:
+        raise SendmailExit(EX_CONFIG, f"{settings_file.path}: {exc}") from None
+
+
+def find_maildrop(settings_file):
+    """(queue, the maildrop's descriptor, O_PATH) as the daemon would have made
+    it: --queue in the settings file, else the daemon's default queue (this
+    user's own, root's, the service's); (None, None) if there is none."""
+    options = split_argv(settings_file.options)[0]
+    if any(name == "--no-queue" for name, _ in options):
+        return None, None
+    named = settings_file.option("--queue")
+    for queue in [os.path.abspath(named)] if named else \
+            dict.fromkeys((default_paths().queue, ROOT_QUEUE, SERVICE_QUEUE)):
+        maildrop = open_maildrop(queue)
+        if maildrop is not None:
+            return queue, maildrop
+    return None, None
+
+
+def open_maildrop(queue):
+    """The queue's maildrop (O_PATH: it may be entered, not read), if it is
+    what the daemon makes: a directory, no link, sticky, owned by the queue's
+    owner; else None."""
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+    try:
+        parent = os.open(queue, flags)
+    except OSError:
+        return None
+    try:
+        maildrop = os.open(MAILDROP, flags | os.O_NOFOLLOW, dir_fd=parent)
+        owner = os.fstat(parent).st_uid
+    except OSError:
+        return None
+    finally:
+        os.close(parent)
+    st = os.fstat(maildrop)
+    if st.st_uid != owner or not st.st_mode & stat.S_ISVTX or not st.st_mode & stat.S_IWOTH:
+        os.close(maildrop)
+        return None
+    return maildrop
+
+
+def maildrop_envelope(sender, recipients, options):
+    """The first line of a maildrop file: what the daemon needs besides the text."""
+    import json
+    body = next((o.partition("=")[2] for o in options if o.startswith("BODY=")), None)
+    envelope = {"sender": sender, "recipients": recipients, "body": body,
+                "smtputf8": "SMTPUTF8" in options}
+    return MAILDROP_LINE + json.dumps(envelope).encode("ascii") + b"\r\n"
+
+
+def write_to_maildrop(maildrop, envelope, message):
+    """Write a dot-named file (never read by the daemon while it is written),
+    fsync it, rename it to an unguessable name, make the rename durable."""
+    temporary, name = f".{os.urandom(16).hex()}", os.urandom(16).hex()
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 MAILDROP_FILE_MODE, dir_fd=maildrop)
+    try:
+        os.fchmod(fd, MAILDROP_FILE_MODE)           # not cut by the umask
+        write_all(fd, envelope)
+        message.seek(0)
+        while True:
+            chunk = message.read(CHUNK_SIZE)
+            if not chunk:
+                break
+            write_all(fd, chunk)
+        os.fsync(fd)
+        os.rename(temporary, name, src_dir_fd=maildrop, dst_dir_fd=maildrop)
+    except OSError:
+        remove_quietly(temporary, maildrop)
+        raise
+    else:
+        sync_maildrop(maildrop, fd)
+    finally:
+        os.close(fd)
+
+
+def sync_maildrop(maildrop, fd):
+    """Make the rename durable: fsync the directory, if this user may open it;
+    else fsync the file once more (the rename changed its ctime, so ext4's and
+    XFS's fsync commits the journal that holds the rename)."""
+    try:
+        directory = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=maildrop)
+    except PermissionError:
+        os.fsync(fd)
+        return
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def smtp_on_stdio(listen):
@@ -5363,6 +6710,8 @@ def main(argv=None):
         return sendmail_main(argv)
     if name == "mailq":
         return sendmail_main(["-bp"])
+    if name == "newaliases":         # a symlink, as every MTA installs it: never a daemon
+        return sendmail_main(["-bi", *argv])
     if argv[:1] == ["sendmail"]:
         return sendmail_main(argv[1:])
     from docopt import DocoptExit, docopt
@@ -5417,7 +6766,8 @@ def dispatch(args, settings_file):
     if args["stop"]:
         return stop(pidfile)
     if args["status"]:
-        return status(pidfile, args["--json"])
+        return status(pidfile, args["--json"],
+                      queue_directory(args["--queue"], settings_file, pidfile))
     if args["flush"]:
         return flush(pidfile)
     if args["delete"]:
@@ -5425,18 +6775,19 @@ def dispatch(args, settings_file):
                       queue_ids(args["ID"]))
     if args["queue"]:
         log_to_stderr(args["--verbose"])
-        return show_queue(queue_directory(args["--queue"], settings_file, pidfile), args["--json"])
-    settings = Settings(args)
+        return show_queue(queue_directory(args["--queue"], settings_file, pidfile), args["--json"],
+                          settings_file.admin)
+    settings = Settings(args, settings_file)
     if args["check"]:
         if not settings.destination:
             raise UsageError("check tries ssh: it needs DESTINATION, not --tunnel-command")
         logging.disable(logging.NOTSET if settings.verbose else logging.CRITICAL)
         log_to_stderr(settings.verbose)
-        user = target_user(settings)
+        user, invoker = target_user(settings), pwd.getpwuid(os.getuid()).pw_name
         if user is not None:              # ssh runs as the daemon's would: that user's keys
             preload()
             drop_privileges(user)
-        return check(settings, settings_file)
+        return check(settings, settings_file, invoker)
     if args["restart"] and daemon_pid(settings.pidfile or pidfile):
         stop(settings.pidfile or pidfile)
     return start(settings, foreground=args["--foreground"])

@@ -88,7 +88,7 @@ def test_root_hands_over_only_the_directories_it_made(run_dir):
     assert pidfile.parent.stat().st_uid == nobody.pw_uid
     assert minimail_command("stop", "--pidfile", pidfile).returncode == 0
     assert run_dir.stat().st_uid == 0 and (run_dir / "queue").stat().st_uid == nobody.pw_uid
-    assert stat.S_IMODE((run_dir / "queue").stat().st_mode) == 0o700
+    assert stat.S_IMODE((run_dir / "queue").stat().st_mode) == 0o711   # users reach maildrop/
 
 
 @root_only

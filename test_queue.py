@@ -525,7 +525,8 @@ def test_a_user_who_cannot_read_the_queue_is_told_in_one_line(run_dir):
         said = output.read()
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 1
-    assert said == f"minimail: cannot read the queue in {queue}: it belongs to root (try sudo)\n"
+    assert said == (f"minimail: cannot read the queue in {queue}: it belongs to root; listing it "
+                    f"needs root (try sudo)\n")
 
 
 def test_no_queue_gives_the_421_of_a_plain_relay(queueing, hoster_reachable):

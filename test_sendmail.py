@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from conftest import (
-    AS_ROOT, free_port, make_message, minimail_command, minimail_via, need, wait_until)
+    AS_ROOT, console_script, free_port, make_message, minimail_command, minimail_via, need, wait_until)
 
-CONSOLE_SCRIPT = Path(sys.executable).parent / "minimail"
+CONSOLE_SCRIPT = console_script()
 SENDER, ADMIN = "me@desktop.example", "admin@hoster.example"
 
 #: What Debian's cron pipes to `sendmail -FCronDaemon -i -B8BITMIME -oem root`
@@ -53,9 +53,12 @@ def sendmail(tmp_path):
     config = tmp_path / "minimail.conf"
 
     def run(port, *flags, message=CRON_MAIL, settings=None, name="sendmail"):
-        config.write_text(settings if settings is not None else
-                          f"MINIMAIL_OPTIONS=--listen 127.0.0.1:{port}\n"
-                          f"MINIMAIL_SENDER={SENDER}\nMINIMAIL_ADMIN={ADMIN}\n")
+        settings = settings if settings is not None else (
+            f"MINIMAIL_OPTIONS=--listen 127.0.0.1:{port}\n"
+            f"MINIMAIL_SENDER={SENDER}\nMINIMAIL_ADMIN={ADMIN}\n")
+        if "MINIMAIL_ALIASES" not in settings:     # never the machine's own /etc/aliases
+            settings += "MINIMAIL_ALIASES=/dev/null\n"
+        config.write_text(settings)
         program = link.with_name(name)
         if not program.exists():
             program.symlink_to(CONSOLE_SCRIPT)
@@ -78,7 +81,8 @@ def test_crons_exact_command_line_reaches_the_admin(through_ssh, hoster, sendmai
     message, = hoster.messages
     assert message.rcpt_tos == [ADMIN] and message.mail_from == SENDER
     header, body = message.content.split(b"\r\n\r\n", 1)
-    assert header.startswith(b"From: root (Cron Daemon)\r\nTo: root\r\n")   # as cron wrote them
+    assert header.startswith(b"From: Cron Daemon <me@desktop.example>\r\n"   # masqueraded
+                             b"To: admin@hoster.example\r\n")              # where it went
     assert re.search(rb"\r\nDate: \w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d [+-]\d{4}\r\n", header)
     assert re.search(rb"\r\nMessage-ID: <[\w.]+@\S+>(\r\n|$)", header)
     assert body == "backup: 3 files copied, Größe 12 kB\r\n.\r\nthe line above has a lone dot, " \
