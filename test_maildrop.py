@@ -258,8 +258,11 @@ def test_cron_and_a_user_mail_while_minimail_is_down_and_each_arrives_once_when_
     assert oct(machine.maildrop.stat().st_mode) == "0o41733"
     assert machine.maildrop.stat().st_uid == pwd.getpwnam(daemon_user).pw_uid
     assert oct(machine.queue.stat().st_mode & 0o777) == "0o711"
-    assert {oct(p.stat().st_mode & 0o777) for p in machine.queue.iterdir() if p.name != "maildrop"} \
-        == {"0o700"}                                       # tmp, queued, failed, refused
+    assert {oct(p.stat().st_mode & 0o777) for p in machine.queue.iterdir()
+            if p.name not in ("maildrop", "lock")} == {"0o700"}      # tmp, queued, failed, refused
+    lock = machine.queue / "lock"                          # the daemon's, for its life
+    assert (oct(lock.stat().st_mode & 0o777), lock.stat().st_uid) == \
+        ("0o600", pwd.getpwnam(daemon_user).pw_uid)
     cron = machine.sendmail("-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root", message=CRON_MAIL)
     assert (cron.returncode, cron.stderr.decode().splitlines()) == (0, [stays_down_line(machine)])
     user = machine.sendmail("-i", "friend@hoster.example", user="nobody",
