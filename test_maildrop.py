@@ -365,6 +365,21 @@ def test_a_kill_9_while_the_maildrop_is_taken_in_loses_nothing(machine, hoster):
     assert len(marks) <= count + 1                  # at most the one in the crash window twice
 
 
+def test_a_queue_at_its_cap_leaves_the_maildrop_waiting(machine, hoster):
+    machine.ran_once()
+    padding = f"{'a line of padding ' * 4}\n" * 150                     # 10 kB
+    assert machine.sendmail("-i", "root", message=f"Subject: capped\n\n{padding}").returncode == 0
+    name, = machine.dropped()
+    machine.start("--max-queue-size", 5000)               # less than the message
+    wait_until(lambda: "maildrop: cannot queue a file of uid 0 now: the queue holds 0 bytes in 0 "
+               "message(s), --max-queue-size is 5000" in machine.log(), 20, "the cap")
+    assert machine.dropped() == [name] and os.listdir(machine.queue / "queued") == []
+    machine.stop()
+    machine.start()                                       # room: 1 GiB
+    machine.wait_delivered(1)
+    machine.stop()
+
+
 @root_only
 def test_another_user_can_neither_list_the_maildrop_nor_read_roots_mail(machine):
     machine.ran_once()
