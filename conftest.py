@@ -554,3 +554,70 @@ def read_until_eof(sock, timeout=20):
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
+
+
+# ---------------------------------------------------------------------------
+# The hoster away, a small disk
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def hoster_reachable(own_sshd):
+    """reachable(False) stops this module's sshd, so ssh is refused at once;
+    reachable(True) starts it again.  It runs again after the test."""
+    def reachable(up):
+        running = own_sshd.proc.poll() is None
+        if up and not running:
+            own_sshd.start()
+        elif not up and running:
+            own_sshd.stop()
+    yield reachable
+    reachable(True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """disk(size="4m", inodes=None) -> an empty directory that is a tmpfs of
+    that size (and that many inodes) of its own, unmounted after the test;
+    the test is skipped where mounting is not allowed (not root, a container)."""
+    mounted = []
+
+    def disk(size="4m", inodes=None):
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs needs root")
+        path = tmp_path / f"disk-{len(mounted)}"
+        path.mkdir()
+        options = f"size={size}" + (f",nr_inodes={inodes}" if inodes else "")
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("mounting a tmpfs is not allowed here")
+        mounted.append(path)
+        return path
+    yield disk
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill_disk(directory, leave=0, inodes=False):
+    """Fill the file system of directory (a small tmpfs) with files of its own:
+    its blocks until at most `leave` bytes are free, or (inodes=True) its
+    inodes; the files made, for the test to remove when space is back."""
+    made = [directory / "filler"]
+    if inodes:
+        made[0].touch()
+        for i in range(1_000_000):
+            try:
+                (directory / f"filler-{i}").touch()
+            except OSError:                   # ENOSPC: no inode left
+                return made
+            made.append(directory / f"filler-{i}")
+    st = os.statvfs(directory)
+    want = max(0, st.f_bavail * st.f_frsize - leave)
+    fd = os.open(made[0], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        while want > 0:
+            want -= os.write(fd, b"x" * min(want, 1 << 20))
+    except OSError:                           # ENOSPC: full
+        pass
+    finally:
+        os.close(fd)
+    return made

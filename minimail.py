@@ -15,6 +15,7 @@ Usage:
   minimail status [--json] [options]
   minimail queue [--json] [options]
   minimail flush [options]
+  minimail delete [options] ID...
   minimail sendmail [FLAG]... [--] [RECIPIENT]...
   minimail [start | restart | check | --foreground] [options] [-o OPT]...
            [DESTINATION | --tunnel-command=CMD]
@@ -31,6 +32,9 @@ Commands:
   check     Try the tunnel once, as the daemon would, and say what is wrong.
   queue     List the mail waiting in the queue, and what failed.
   flush     Ask the daemon to deliver the queue now.
+  delete    Remove the queued or failed mail with these IDs (as `minimail
+            queue` shows them), without a bounce; a running daemon forgets
+            them at once.  Exit 1 if one is not there.
   sendmail  Submit one message from standard input, as sendmail(8) does:
             see "The sendmail command" below.
   (none)    The same as start; with --foreground, stay in the foreground
@@ -91,6 +95,16 @@ Options:
                             hour apart. [default: 60]
   --max-size=BYTES          The largest message the queue accepts.
                             [default: 52428800]
+  --max-queue-size=BYTES    The queue takes no more mail (452) once the
+                            messages waiting in it add up to this much:
+                            1 GiB is twenty of the largest messages or a
+                            hundred thousand of cron's, days of a busy
+                            machine's mail, while a local user can no
+                            longer fill the disk through it.  Nor does it
+                            take mail that would leave less than 1 % of
+                            its disk free (64 KiB to 64 MiB), the room for
+                            its own writes (envelopes, bounces).
+                            [default: 1073741824]
   -u USER, --user=USER      When started as root: the user to become once
                             the port is bound (default: $SUDO_USER).  To
                             keep root, say --user root.
@@ -126,7 +140,11 @@ session itself and answers "250 2.0.0 queued as ID" once the mail is on
 disk.  It delivers the queue through the tunnel when the tunnel comes up
 for anyone, at each mail's next try (1, 2, 4 ... minutes), and on `minimail
 flush` (or SIGUSR1).  What the hoster refuses for good, or what waited
-longer than --queue-lifetime, goes back to its sender as a bounce.
+longer than --queue-lifetime, goes back to its sender as a bounce.  Once
+the queue holds --max-queue-size, or its disk is short, it answers 452 and
+keeps what it has; nothing one message does (a full disk, a file removed by
+hand) stops the daemon.  `minimail delete ID...` removes mail from the
+queue.  One daemon at a time uses a queue (it holds QUEUE/lock).
 
 Settings: `minimail start` and `minimail --foreground` without DESTINATION
 take DESTINATION and options from a settings file, and the sendmail
@@ -195,7 +213,7 @@ Exit status: 0 on a clean stop, 1 when minimail cannot run (for example the
 listen address is taken), 2 for a usage error.
 """
 
-import collections
+import collections.abc
 import contextlib
 import enum
 import errno
@@ -477,7 +495,7 @@ def option_table():
 
 
 #: The docstring's command words (a positional word that is not DESTINATION).
-COMMANDS = ("start", "stop", "status", "restart", "check", "queue", "flush", "sendmail")
+COMMANDS = ("start", "stop", "status", "restart", "check", "queue", "flush", "delete", "sendmail")
 
 
 def split_argv(argv):
@@ -723,6 +741,7 @@ class Settings:
                                             zero_ok=False) * 86400
         self.queue_retry = parse_seconds(args["--queue-retry"], "--queue-retry", zero_ok=False)
         self.max_size = parse_count(args["--max-size"], "--max-size")
+        self.max_queue_size = parse_count(args["--max-queue-size"], "--max-queue-size")
         self.destination = args["DESTINATION"] if args["DESTINATION"] is None \
             else parse_destination(args["DESTINATION"])
         self.tunnel_command = args["--tunnel-command"] and parse_command(
@@ -2508,6 +2527,27 @@ HEADER_QUOTE_MAX = 64 * 1024
 SPOOL_DIRS = ("tmp", "queued", "failed")
 #: A stored message's first line: this, then its envelope in JSON, then CRLF.
 ENVELOPE_LINE = b"MINIMAIL-ENVELOPE "
+#: The queue's lock file (in the queue directory): held by the daemon for its life.
+QUEUE_LOCK = "lock"
+#: The free space the queue keeps on its disk for its own writes (envelope
+#: updates, bounces) and everyone else's: this share of the disk, within the
+#: bounds below; new mail that would leave less gets 452 4.3.1.
+RESERVE_SHARE = 0.01
+RESERVE_BYTES = (64 << 10, 64 << 20)
+RESERVE_INODES = (16, 1000)
+#: The reply to new mail when the queue is at its cap or its disk is short.
+QUEUE_FULL = "452 4.3.1 minimail: the queue is full, try again later"
+OUT_OF_SPACE = "452 4.3.1 minimail: the queue is out of space, try again later"
+#: How long `minimail delete` waits for a running daemon's answer.
+DELETE_ANSWER_WAIT = 10.0
+#: How long `minimail delete` waits for another delete's lock (a daemon holds it longer).
+DELETE_LOCK_WAIT = 2.0
+#: The name of a delete request in tmp/ (TOKEN: 16 random hex digits).
+DELETE_REQUEST = re.compile(r"delete-([0-9a-f]{16})\.request")
+#: The most IDs in one delete request (they go in several).
+DELETE_BATCH = 1000
+
+
 #: The queue's subdirectory where the sendmail command leaves mail while
 #: minimail is down, and its mode: any user may add a file; nobody but
 #: minimail's user may list it, or remove another's file (sticky).
@@ -2529,6 +2569,14 @@ MAILDROP_BATCH = 1000
 MAILDROP_FILE_MODE = 0o644
 #: The daemon's queue when root starts it, and the service's.
 ROOT_QUEUE, SERVICE_QUEUE = "/var/spool/minimail", "/var/lib/minimail/queue"
+
+
+class SpoolError(Exception):
+    """A file of the queue could not be read or written (an OSError underneath)."""
+
+
+class MessageGone(SpoolError):
+    """A queued message's text is not there any more (removed by hand, or deleted)."""
 
 
 def new_queue_id():
@@ -2557,9 +2605,20 @@ def write_durably(path, data):
 
 
 def in_thread(function, *args):
-    """Run a blocking file operation (fsync) in the hub's thread pool."""
+    """Run a blocking file operation (fsync) in the hub's thread pool; its
+    exception is raised here (gevent would also print its traceback: a full
+    disk is an outcome to log in one line, not a crash)."""
     from gevent import get_hub
-    return get_hub().threadpool.apply(function, args)
+
+    def carried():
+        try:
+            return function(*args), None
+        except Exception as exc:              # carried over to the caller, raised there
+            return None, exc
+    result, error = get_hub().threadpool.apply(carried)
+    if error is not None:
+        raise error
+    return result
 
 
 class Envelope:
@@ -2578,6 +2637,7 @@ class Envelope:
         self.arrived, self.size, self.body, self.smtputf8 = arrived, size, body, smtputf8
         self.bounce, self.attempts, self.next_try = bounce, attempts, next_try
         self.last_reply, self.failures, self.failed_at = last_reply, list(failures), failed_at
+        self.due = None               # when due, on the runner's monotonic clock (never stored)
 
     def to_json(self):
         import json
@@ -2763,12 +2823,27 @@ class Spool:
                 remove_quietly(queued)
             raise
 
-    def save(self, envelope, where="queued"):
-        """Write a message's envelope as it is now, durably (blocking: run in_thread)."""
+    def save(self, envelope):
+        """Write a queued message's envelope as it is now, durably (blocking:
+        run in_thread); never for a message whose text is gone: MessageGone,
+        and its envelope, left alone, is removed."""
+        self.must_have(envelope.id)
+        self.write_envelope(envelope, "queued")
+
+    def must_have(self, queue_id):
+        if not os.path.lexists(self.path("queued", f"{queue_id}.msg")):
+            remove_quietly(self.path("queued", f"{queue_id}.env"))
+            raise MessageGone(f"queued/{queue_id}.msg is gone")
+
+    def write_envelope(self, envelope, where):
         temporary = self.path("tmp", f"{envelope.id}.env")
         remove_quietly(temporary)
-        write_durably(temporary, envelope.to_json())
-        os.rename(temporary, self.path(where, f"{envelope.id}.env"))
+        try:
+            write_durably(temporary, envelope.to_json())
+            os.rename(temporary, self.path(where, f"{envelope.id}.env"))
+        except OSError:
+            remove_quietly(temporary)
+            raise
         self.syncs[where].sync()
 
     def remove(self, envelope):
@@ -2778,11 +2853,43 @@ class Spool:
         remove_quietly(self.path("queued", f"{envelope.id}.env"))
 
     def fail(self, envelope):
-        """Move a message that bounced to failed/ (blocking: run in_thread)."""
-        envelope.failed_at = time.time()
-        os.rename(self.path("queued", f"{envelope.id}.msg"), self.path("failed", f"{envelope.id}.msg"))
-        self.save(envelope, "failed")
+        """Move a message that bounced to failed/ (blocking: run in_thread): its
+        envelope first, so failed/ never holds a message without one."""
+        queued, failed = (self.path(where, f"{envelope.id}.msg") for where in ("queued", "failed"))
+        if not os.path.lexists(queued) and os.path.lexists(failed):   # moved before an error
+            remove_quietly(self.path("queued", f"{envelope.id}.env"))
+            return
+        self.must_have(envelope.id)
+        envelope.failed_at = envelope.failed_at or time.time()
+        self.write_envelope(envelope, "failed")
+        try:
+            os.rename(queued, failed)
+        except OSError:
+            remove_quietly(self.path("failed", f"{envelope.id}.env"))
+            raise
+        self.syncs["failed"].sync()
         remove_quietly(self.path("queued", f"{envelope.id}.env"))
+
+    def delete(self, queue_id):
+        """Remove a message, waiting or failed, by its ID (blocking: run
+        in_thread; only the holder of the queue's lock): where it was, or None."""
+        for where in ("queued", "failed"):
+            message = self.path(where, f"{queue_id}.msg")
+            if os.path.lexists(message):
+                os.unlink(message)
+                remove_quietly(self.path(where, f"{queue_id}.env"))
+                self.syncs[where].sync()
+                return where
+        return None
+
+    def free_space(self):
+        """(bytes, inodes) free on the queue's disk beyond what it keeps in reserve
+        (negative: short); inodes None where the disk does not count them."""
+        st = os.statvfs(self.root)
+        size, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        spare_bytes = free - reserve(size, RESERVE_BYTES)
+        spare_inodes = st.f_favail - reserve(st.f_files, RESERVE_INODES) if st.f_files else None
+        return spare_bytes, spare_inodes
 
     def load(self, where="queued"):
         """The envelopes in queued/ or failed/, oldest first; corrupt ones are
@@ -2823,10 +2930,206 @@ class Spool:
                 remove_quietly(self.path("failed", f"{envelope.id}.env"))
 
     def open_message(self, envelope):
-        """The queued message's text, from past its envelope's line."""
-        message = open_own_file(self.path("queued", f"{envelope.id}.msg"))
-        message.readline(SMALL_FILE_MAX)
+        """The queued message's text, from past its envelope's line: MessageGone
+        if it is not there, SpoolError if it cannot be read (now or later)."""
+        path = self.path("queued", f"{envelope.id}.msg")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if not os.path.lexists(path):
+                raise MessageGone(f"queued/{envelope.id}.msg is gone") from None
+            raise SpoolError("cannot open the message: No such file or directory, yet it is "
+                             "there") from None
+        except OSError as exc:
+            raise SpoolError(f"cannot open the message: {exc.strerror}") from None
+        message = StoredMessage(io.FileIO(fd, "r"))
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise SpoolError("the message is not a regular file")
+            message.readline(SMALL_FILE_MAX)
+        except BaseException:
+            message.close()
+            raise
         return message
+
+
+class QueueLock:
+    """What makes one process the queue's only writer: a flock on QUEUE/lock
+    (0600, the queue's owner's, never through a link), held by the daemon
+    for its life and by `minimail delete` for a moment when none runs."""
+
+    def __init__(self, root):
+        self.root = root
+        self.path = os.path.join(root, QUEUE_LOCK)
+        self.fd = None
+
+    def open(self):
+        """Open (or make) the lock file; root makes it the queue owner's."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            st, owner = os.fstat(fd), os.stat(self.root)
+            if st.st_uid != owner.st_uid and os.geteuid() == 0:
+                os.fchown(fd, owner.st_uid, owner.st_gid)
+                st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != owner.st_uid:
+                raise Fatal(f"{self.path} is not minimail's lock (a link, or not the queue "
+                            f"owner's): refusing to use the queue {self.root}")
+            os.fchmod(fd, 0o600)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    def take(self):
+        """True if this process now holds the lock, False if another does."""
+        if self.fd is None:
+            self.open()
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def hold(self):
+        """The daemon's: take the lock or refuse to start; note our pid in it."""
+        try:
+            taken = self.take()
+        except OSError as exc:
+            raise Fatal(f"cannot lock the queue {self.root}: {exc.strerror}") from None
+        if not taken:
+            pid = self.holder()
+            raise Fatal(f"the queue {self.root} is in use by another minimail "
+                        f"(pid {pid or '?'}): two daemons must not share one queue")
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:                # a full disk: the lock holds all the same
+            log.warning("queue: cannot write the pid into %s: %s", self.path, exc.strerror)
+
+    def holder(self):
+        """The pid that holds the lock: from /proc/locks, else what the file says."""
+        return lock_holder(self.path) or self.recorded_pid()
+
+    def recorded_pid(self):
+        """The pid the daemon wrote into the lock file (its user could write any)."""
+        text = os.pread(self.fd, 16, 0).strip() if self.fd is not None else b""
+        return int(text) if text.isdigit() and 0 < int(text) < 1 << 22 else None
+
+    def daemon(self):
+        """The pid of the daemon that holds the lock, or None (a short-lived
+        holder such as another `minimail delete`, or no holder)."""
+        pid = lock_holder(self.path)
+        return pid if pid and pid == self.recorded_pid() and is_minimail(pid) else None
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class DeleteRequests:
+    """How `minimail delete` asks a running daemon: tmp/delete-TOKEN.request
+    holds the IDs, one a line; the daemon, on SIGUSR2, deletes them and
+    answers in tmp/delete-TOKEN.answer."""
+
+    def __init__(self, spool):
+        self.tmp = spool.path("tmp")
+
+    def path(self, token, kind):
+        return os.path.join(self.tmp, f"delete-{token}.{kind}")
+
+    def waiting(self):
+        """The tokens of the requests waiting in tmp/."""
+        return [m[1] for m in map(DELETE_REQUEST.fullmatch, os.listdir(self.tmp)) if m]
+
+    def write(self, token, ids):
+        """Leave a request: in tmp/ as it is (never through a link), as root
+        made the queue owner's."""
+        tmp = os.open(self.tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fd = os.open(f"delete-{token}.part", os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=tmp)
+            try:
+                owner = os.fstat(tmp)
+                if owner.st_uid != os.geteuid():
+                    os.fchown(fd, owner.st_uid, owner.st_gid)
+                os.write(fd, "".join(f"{queue_id}\n" for queue_id in ids).encode())
+            finally:
+                os.close(fd)
+            os.rename(f"delete-{token}.part", f"delete-{token}.request", src_dir_fd=tmp,
+                      dst_dir_fd=tmp)
+        finally:
+            os.close(tmp)
+
+    def read(self, token):
+        """The IDs a request names (it is removed); ValueError if it is not one."""
+        try:
+            with open_own_file(self.path(token, "request")) as f:
+                ids = read_small(f).decode("ascii").split()
+        finally:
+            self.drop(token)
+        if not all(QUEUE_ID.fullmatch(queue_id) for queue_id in ids):
+            raise ValueError("a delete request names something that is no queue ID")
+        return ids
+
+    def answer(self, token, results):
+        part = self.path(token, "answering")
+        remove_quietly(part)
+        write_durably(part, "".join(f"{queue_id} {where or 'absent'}\n"
+                                    for queue_id, where in results.items()).encode())
+        os.rename(part, self.path(token, "answer"))
+
+    def read_answer(self, token):
+        """{ID: "queued", "failed", "error" or None} from the daemon's answer
+        (removed), or None while there is none."""
+        try:
+            with open_own_file(self.path(token, "answer")) as f:
+                lines = read_small(f).decode("ascii", "replace").splitlines()
+        except FileNotFoundError:
+            return None
+        remove_quietly(self.path(token, "answer"))
+        results = {}
+        for line in lines:
+            queue_id, _, where = line.partition(" ")
+            if QUEUE_ID.fullmatch(queue_id):
+                results[queue_id] = where if where in ("queued", "failed", "error") else None
+        return results
+
+    def drop(self, token):
+        remove_quietly(self.path(token, "request"))
+
+
+def reserve(total, bounds):
+    """What the queue keeps free of a disk's total (bytes or inodes)."""
+    least, most = bounds
+    return min(max(int(total * RESERVE_SHARE), least), most)
+
+
+class StoredMessage(io.BufferedReader):
+    """A queued message open for reading: its read errors are the spool's
+    (SpoolError), never taken for the connection's while it is sent."""
+
+    @staticmethod
+    def guarded(method, *args):
+        try:
+            return method(*args)
+        except OSError as exc:
+            raise SpoolError(f"cannot read the message: {exc.strerror}") from None
+
+    def read(self, *args):
+        return self.guarded(super().read, *args)
+
+    def read1(self, *args):
+        return self.guarded(super().read1, *args)
+
+    def readinto(self, buffer):
+        return self.guarded(super().readinto, buffer)
+
+    def readline(self, *args):
+        return self.guarded(super().readline, *args)
+
+    def seek(self, *args):
+        return self.guarded(super().seek, *args)
 
 
 def private_directory(path, follow=False):
@@ -3054,11 +3357,23 @@ class Receiver:
     """Serves an SMTP session itself when the tunnel cannot carry it, and
     keeps its mail in the spool."""
 
-    def __init__(self, spool, settings, hostname, on_queued):
+    def __init__(self, spool, settings, hostname, on_queued, room_for=lambda size, to_write: None):
         self.spool = spool
         self.settings = settings
         self.hostname = hostname
         self.on_queued = on_queued           # the queue runner learns of the mail
+        self.room_for = room_for             # the runner's word on the queue's cap and disk
+        self.committing = 0                  # bytes of messages being committed now
+
+    def no_room(self, size, to_write, when):
+        """The 452 reply if the queue cannot take size more bytes now (logged
+        without addresses), else None."""
+        refusal = self.room_for(size + self.committing, to_write)
+        if refusal is None:
+            return None
+        reply, why = refusal
+        log.warning("queue: cannot queue a message: %s (%s)", why, when)
+        return reply
 
     def serve(self, session, why):
         """The session's log line says why the queue took it (from `why`)."""
@@ -3182,10 +3497,11 @@ class Reception:
         if parsed is None:
             return self.send("501 5.5.4 syntax: MAIL FROM:<address> [parameters]")
         sender, params = parsed
-        body, smtputf8 = None, False
+        body, smtputf8, size = None, False, 0
         for name, value in params:
             if name == "SIZE" and value and value.isdigit():
-                if int(value) > self.receiver.settings.max_size:
+                size = int(value)
+                if size > self.receiver.settings.max_size:
                     return self.send("552 5.3.4 message too big for the queue")
             elif name == "BODY" and value and value.upper() in ("7BIT", "8BITMIME"):
                 body = value.upper()
@@ -3196,6 +3512,9 @@ class Reception:
         refusal = sender and address_refusal(sender, smtputf8, "5.1.7", "sender")
         if refusal:
             return self.send(refusal)
+        full = self.receiver.no_room(size, size, f"refused at MAIL, SIZE={size}")
+        if full:
+            return self.send(full)
         self.sender, self.body, self.smtputf8 = sender, body, smtputf8
         self.send("250 2.1.0 ok")
 
@@ -3276,7 +3595,12 @@ class Reception:
         if draft.error is not None:
             draft.discard()
             log.warning("queue: cannot write a message: %s", draft.error.strerror)
-            return self.send("452 4.3.1 minimail: the queue is out of space, try again later")
+            return self.send(OUT_OF_SPACE)
+        full = self.receiver.no_room(draft.size, draft.pending_size,
+                                     f"refused after DATA, {draft.size} bytes")
+        if full:
+            draft.discard()
+            return self.send(full)
         envelope = self.envelope
         envelope.size = draft.size
         envelope.body = envelope.body or ("8BITMIME" if draft.eight_bit else None)
@@ -3288,10 +3612,13 @@ class Reception:
 
     def commit(self, draft, envelope):
         try:
+            self.receiver.committing += draft.size
             in_thread(self.receiver.spool.commit, draft)
         except OSError as exc:
             log.warning("queue: cannot queue a message: %s", exc.strerror)
-            return self.send("452 4.3.1 minimail: the queue is out of space, try again later")
+            return self.send(OUT_OF_SPACE)
+        finally:
+            self.receiver.committing -= draft.size
         self.queued += 1
         log.info("queue: %s queued: %d bytes, %d recipient(s), from client %s", draft.id,
                  draft.size, len(self.recipients), self.session.peer)
@@ -3372,6 +3699,66 @@ def parse_path(keyword, argument):
         name, equals, value = word.partition("=")
         params.append((name.upper(), value if equals else None))
     return match[1], params
+
+
+class Schedule(collections.abc.MutableMapping):
+    """The messages waiting in the queue (queue ID -> Envelope, oldest first),
+    their total size, and when each is due.  Times are kept on the monotonic
+    clock: a wall clock stepped back cannot hold a retry.  The wall time
+    (next_try) is stored only for display and for a restart, and a next_try
+    read back is never believed further off than the schedule would set it."""
+
+    def __init__(self, first_retry, clocks=(time.monotonic, time.time)):
+        self.first_retry = first_retry
+        self.monotonic, self.wall = clocks
+        self.envelopes = {}
+        self.bytes = 0                    # the sizes of the messages waiting, added up
+
+    def __getitem__(self, queue_id):
+        return self.envelopes[queue_id]
+
+    def __setitem__(self, queue_id, envelope):
+        if queue_id in self.envelopes:
+            self.bytes -= self.envelopes[queue_id].size
+        if envelope.due is None:
+            longest = retry_delay(envelope.attempts, self.first_retry)
+            ahead = min(max(0.0, envelope.next_try - self.wall()), longest)
+            envelope.due = self.monotonic() + ahead
+        self.envelopes[queue_id] = envelope
+        self.bytes += envelope.size
+
+    def __delitem__(self, queue_id):
+        self.bytes -= self.envelopes.pop(queue_id).size
+
+    def __iter__(self):
+        return iter(self.envelopes)
+
+    def __len__(self):
+        return len(self.envelopes)
+
+    def retry_in(self, envelope, delay):
+        """Make a message due again in delay seconds (at most RETRY_MAX)."""
+        delay = min(delay, RETRY_MAX)
+        envelope.due = self.monotonic() + delay
+        envelope.next_try = self.wall() + delay
+
+    def due(self, everything=False):
+        now = self.monotonic()
+        return [e for e in self.envelopes.values() if everything or e.due <= now]
+
+    def next_due(self):
+        """When the next message is due (monotonic), or None."""
+        return min((e.due for e in self.envelopes.values()), default=None)
+
+    def wait(self):
+        """Seconds until the next message is due, at most RETRY_MAX; None if none waits."""
+        due = self.next_due()
+        return None if due is None else min(RETRY_MAX, max(0.0, due - self.monotonic()))
+
+    def next_try(self):
+        """The wall time of the next try, for display."""
+        due = self.next_due()
+        return None if due is None else self.wall() + due - self.monotonic()
 
 
 class Intake(enum.Enum):
@@ -3627,24 +4014,31 @@ class QueueRunner:
     """Delivers the spool through the tunnel, as one more client of the
     supervisor (so the tunnel starts on demand and lingers as usual).  It runs
     when the tunnel comes up for anyone, at each message's next try, at start,
-    and on flush.  It alone changes `waiting` and the files in the spool."""
+    and on flush.  It alone changes `waiting` and the files in the spool (its
+    writes take turns under `writing`).  Nothing one message does stops it:
+    every step for a message has an error boundary, and a message leaves
+    `waiting` only after the disk has changed."""
 
     def __init__(self, spool, supervisor, settings, hostname, on_change=lambda: None):
         from gevent.event import Event
+        from gevent.lock import Semaphore
         self.spool = spool
         self.supervisor = supervisor
         self.settings = settings
         self.hostname = hostname
         self.on_change = on_change
-        self.waiting = {}                 # queue ID -> Envelope, oldest first
+        self.waiting = Schedule(settings.queue_retry)
+        self.loaded = False
         self.failed = 0                   # messages in failed/
         self.untold = 0                   # of them, those nobody was told about
         self.wake = Event()
-        self.wake_at = None               # when the runner's timer rings (None: it does not)
+        self.wake_at = None               # when the runner's timer rings, monotonic (None: never)
         self.everything = True            # deliver all, not only what is due
         self.delivering = False
         self.stopping = False             # minimail stops: end after the current message
-        self.cleaned_at = 0.0
+        self.cleaned_at = None
+        self.writing = Semaphore()        # one write to the spool at a time
+        self.answering = Semaphore()      # one look at `minimail delete`'s requests at a time
 
     # -- what others tell it -------------------------------------------------
 
@@ -3652,7 +4046,7 @@ class QueueRunner:
         """The receiver queued a message: its first try comes at its next_try
         (the runner wakes only if its timer would ring later than that)."""
         self.waiting[envelope.id] = envelope
-        if self.wake_at is None or envelope.next_try < self.wake_at:
+        if self.wake_at is None or envelope.due < self.wake_at:
             self.wake.set()
         self.on_change()
 
@@ -3676,13 +4070,32 @@ class QueueRunner:
             self.everything = True
             self.wake.set()
 
+    def room_for(self, size, to_write):
+        """None if the queue can take a message of size bytes (to_write of them
+        still to be written), else (the reply, why): the queue is at
+        --max-queue-size, or its disk would keep less than its reserve."""
+        held, cap = self.waiting.bytes, self.settings.max_queue_size
+        if held + size > cap:
+            return QUEUE_FULL, (f"the queue holds {held} bytes in {len(self.waiting)} "
+                                f"message(s), --max-queue-size is {cap}")
+        try:
+            spare_bytes, spare_inodes = self.spool.free_space()
+        except OSError as exc:
+            return OUT_OF_SPACE, f"cannot see the free space on the queue's disk: {exc.strerror}"
+        if spare_bytes < to_write or (spare_inodes is not None and spare_inodes < 1):
+            return OUT_OF_SPACE, ("No space left on device for new mail (the queue keeps the "
+                                  f"last {RESERVE_SHARE:.0%} of its disk, {RESERVE_BYTES[0] >> 10} "
+                                  f"KiB to {RESERVE_BYTES[1] >> 20} MiB and {RESERVE_INODES[0]} to "
+                                  f"{RESERVE_INODES[1]} inodes, for its own writes)")
+        return None
+
     def describe(self):
         waiting = list(self.waiting.values())
         return {
             "dir": self.spool.root,
             "count": len(waiting),
             "oldest": min((e.arrived for e in waiting), default=None),
-            "next_try": min((e.next_try for e in waiting), default=None),
+            "next_try": self.waiting.next_try(),
             "failed": self.failed,
             "untold": self.untold,
         }
@@ -3690,58 +4103,115 @@ class QueueRunner:
     # -- the runner greenlet -------------------------------------------------
 
     def run(self):
-        self.waiting = {e.id: e for e in self.spool.load()}
+        while not self.stopping:
+            self.wake.clear()
+            try:
+                self.run_once()
+            except Exception as exc:          # the last boundary: the runner never dies
+                log.error("queue: the runner's pass failed (%s): trying again in %s",
+                          describe_failure(exc), format_duration(self.settings.queue_retry))
+                log.debug("queue: where: %s", where_it_failed(exc))
+                self.wake_at = self.waiting.monotonic() + self.settings.queue_retry
+            if self.stopping:
+                break
+            self.wake.wait(None if self.wake_at is None
+                           else min(RETRY_MAX, max(0.0, self.wake_at - self.waiting.monotonic())))
+
+    def run_once(self):
+        """One pass: expire, deliver what is due, finish what could not be finished."""
+        if not self.loaded:
+            self.load()
+        self.expire(time.time())
+        due = self.waiting.due(self.everything)
+        self.everything = False
+        for envelope in due:
+            if not envelope.recipients:       # delivered, but its removal failed: again
+                self.finish(envelope, [], None)
+        due = [e for e in due if e.recipients and self.waiting.get(e.id) is e]
+        if due:
+            self.deliver(due)
+        if self.cleaned_at is None or self.waiting.monotonic() - self.cleaned_at > RETRY_MAX:
+            self.cleaned_at = self.waiting.monotonic()
+            with self.writing:
+                in_thread(self.spool.forget_old_failures, time.time())
+            self.count_failed()
+        self.wake_at = self.waiting.next_due()
+
+    def load(self):
+        """What waits in the spool, at start."""
+        for envelope in self.spool.load():
+            self.waiting[envelope.id] = envelope
         self.count_failed()
+        self.loaded = True
         if self.waiting:
             log.info("queue: %d message(s) waiting in %s", len(self.waiting), self.spool.root)
         self.on_change()
-        while not self.stopping:
-            self.wake.clear()
-            now = time.time()
-            self.expire(now)
-            due = [e for e in self.waiting.values() if self.everything or e.next_try <= now]
-            self.everything = False
-            if due:
-                self.deliver(due)
-            if time.time() - self.cleaned_at > RETRY_MAX:
-                self.cleaned_at = time.time()
-                in_thread(self.spool.forget_old_failures, self.cleaned_at)
-                self.count_failed()
-            self.wake_at = min((e.next_try for e in self.waiting.values()), default=None)
-            self.wake.wait(None if self.wake_at is None else max(0.0, self.wake_at - time.time()))
+
+    def count_failed(self):
+        failed = self.spool.load("failed")
+        self.failed = len(failed)
+        self.untold = sum(untold(envelope, self.settings.admin) for envelope in failed)
 
     def deliver(self, envelopes):
-        """One connection through the tunnel for all these messages."""
+        """Through the tunnel: one connection for all these messages, and a
+        fresh one after a message's own error has left a connection in doubt."""
         self.delivering = True
         try:
-            with self.supervisor.visit() as tunnel:
-                self.deliver_through(tunnel, envelopes)
+            left = list(envelopes)
+            while left and not self.stopping:
+                with self.supervisor.visit() as tunnel:
+                    left = self.deliver_through_tunnel(tunnel, left)
         finally:
             self.delivering = False
 
-    def deliver_through(self, tunnel, envelopes):
+    def deliver_through_tunnel(self, tunnel, envelopes):
+        """One connection: what is left to try on a fresh one (after a message's
+        own error), else [] (all were tried, the connection failed and they
+        are deferred, or minimail stops and they stay as they are)."""
         try:
             upstream, child = tunnel.connect(self.settings.wait)
         except (TunnelUnavailable, OutOfDescriptors) as exc:
             for envelope in envelopes if not self.stopping else ():
                 self.defer(envelope, f"the tunnel cannot be had: {exc}")
-            return
+            return []
         upstream = CountedReads(upstream, child.far)    # its replies show the tunnel alive
         smtp = Hoster(upstream, self.hostname)
         left = list(envelopes)
         try:
             smtp.greet()
-            while left and not self.stopping:
-                self.deliver_one(smtp, left[0])
+            while left and not self.stopping and self.deliver_guarded(smtp, left[0]):
                 left.pop(0)
-            smtp.quit()
-        except (DialogueFailed, OSError) as exc:
-            if isinstance(exc, DialogueFailed):      # its text names steps and codes only
-                log.warning("queue: the dialogue with the hoster ended: %s", exc)
+            if not left or self.stopping:
+                smtp.quit()
+                return []
+            return left[1:]
+        except DialogueFailed as exc:         # its text names steps and codes only
+            log.warning("queue: the dialogue with the hoster ended: %s", exc)
             for envelope in left if not self.stopping else left[:1]:
                 self.defer(envelope, f"the connection to the hoster failed: {smtp_error(exc)}")
+            return []
         finally:
             upstream.close()
+
+    def deliver_guarded(self, smtp, envelope):
+        """deliver_one inside the message's error boundary: True to go on over
+        this connection; False when the message's own trouble (its file gone or
+        unreadable, its envelope, anything unexpected) has left the connection
+        in doubt: the message is then forgotten or deferred.  The connection's
+        own errors (DialogueFailed) go to the caller."""
+        if self.waiting.get(envelope.id) is not envelope:
+            return True                       # deleted meanwhile
+        try:
+            self.deliver_one(smtp, envelope)
+            return True
+        except DialogueFailed:
+            raise
+        except MessageGone:
+            self.forget(envelope)
+        except Exception as exc:              # the message's own: the boundary
+            self.step_failed("send it", envelope, exc)
+            self.defer(envelope, f"it could not be sent: {describe_failure(exc)}")
+        return False
 
     def deliver_one(self, smtp, envelope):
         """One transaction: each recipient ends delivered, deferred or failed."""
@@ -3751,14 +4221,18 @@ class QueueRunner:
 
     def settle(self, envelope, results):
         """Act on the hoster's answers: {recipient: (code, reply)}."""
+        if self.waiting.get(envelope.id) is not envelope:
+            log.info("queue: %s: deleted while it was sent: nothing more done", envelope.id)
+            return
         delivered = [r for r, (code, _) in results.items() if 200 <= code < 300]
         deferred = [r for r, (code, _) in results.items() if not 200 <= code < 300 and code < 500]
         failed = [(r, reply) for r, (code, reply) in results.items() if code >= 500]
         codes = sorted({code for code, _ in results.values()})
         log.info("queue: %s: %d delivered, %d deferred, %d refused (%s)", envelope.id,
                  len(delivered), len(deferred), len(failed), ", ".join(map(str, codes)))
-        if failed:
-            self.bounce(envelope, failed, expired=False)
+        envelope.recipients = [r for r in envelope.recipients if r not in delivered]  # never again
+        if failed and not self.bounce(envelope, failed, expired=False):
+            deferred += [recipient for recipient, _ in failed]
         self.finish(envelope, deferred, results[deferred[0]][1] if deferred else None)
 
     def defer(self, envelope, reason):
@@ -3767,47 +4241,131 @@ class QueueRunner:
         self.finish(envelope, envelope.recipients, reason)
 
     def finish(self, envelope, still_to_do, last_reply):
-        """Keep the message for what is still to do, or let it leave the queue."""
+        """Keep the message for what is still to do, or let it leave the queue.
+        Never raises: what cannot be written stays waiting, as it is in memory."""
+        if self.waiting.get(envelope.id) is not envelope:
+            log.info("queue: %s: deleted meanwhile: nothing more done", envelope.id)
+            return
         envelope.recipients = list(still_to_do)
         if still_to_do:
-            envelope.attempts += 1
-            delay = retry_delay(envelope.attempts, self.settings.queue_retry)
-            envelope.next_try = time.time() + delay
-            envelope.last_reply = printable(last_reply or "", 300) or None
-            in_thread(self.spool.save, envelope)
-            log.info("queue: %s: next try in %s", envelope.id, format_duration(delay))
+            self.reschedule(envelope, last_reply)
         else:
-            del self.waiting[envelope.id]
-            if envelope.failures:
-                in_thread(self.spool.fail, envelope)
-                self.failed += 1
-                self.untold += untold(envelope, self.settings.admin)
-            else:
-                in_thread(self.spool.remove, envelope)
+            self.let_go(envelope)
         self.on_change()
+
+    def reschedule(self, envelope, last_reply):
+        envelope.attempts += 1
+        delay = retry_delay(envelope.attempts, self.settings.queue_retry)
+        self.waiting.retry_in(envelope, delay)
+        envelope.last_reply = printable(last_reply or "", 300) or None
+        if self.write("save its envelope", envelope, self.spool.save, envelope):
+            log.info("queue: %s: next try in %s", envelope.id, format_duration(delay))
+
+    def let_go(self, envelope):
+        """Nothing is left to do: the message moves to failed/ (some recipient
+        failed) or is removed; if that cannot be done now, it is tried again."""
+        failing = bool(envelope.failures)
+        step, write = ("move it to failed/", self.spool.fail) if failing \
+            else ("remove it", self.spool.remove)
+        if self.write(step, envelope, write, envelope):
+            self.drop(envelope)
+            self.failed += failing
+            self.untold += failing and untold(envelope, self.settings.admin)
+        elif self.waiting.get(envelope.id) is envelope:
+            self.waiting.retry_in(envelope, self.settings.queue_retry)
+
+    def write(self, step, envelope, function, *args):
+        """One write to the spool for a message, in turn and inside its error
+        boundary: True once it is on disk.  A message whose text is gone is
+        forgotten; after any other error (a full disk) it stays as it is."""
+        try:
+            with self.writing:
+                if self.waiting.get(envelope.id) is not envelope:
+                    log.info("queue: %s: deleted meanwhile: nothing written", envelope.id)
+                    return False
+                in_thread(function, *args)
+            return True
+        except MessageGone:
+            self.forget(envelope)
+        except Exception as exc:              # the boundary of this step
+            self.step_failed(step, envelope, exc)
+        return False
+
+    def drop(self, envelope):
+        if self.waiting.get(envelope.id) is envelope:
+            del self.waiting[envelope.id]
+
+    def forget(self, envelope):
+        """A message whose text is gone (removed by hand): forgotten, and what
+        is left of it (its envelope) removed; never written again."""
+        self.drop(envelope)
+        log.warning("queue: %s: its message file is gone (removed by hand?): forgotten",
+                    envelope.id)
+        try:
+            remove_quietly(self.spool.path("queued", f"{envelope.id}.env"))
+        except OSError as exc:
+            log.warning("queue: %s: cannot remove its envelope: %s", envelope.id, exc.strerror)
+        self.on_change()
+
+    def step_failed(self, step, envelope, exc):
+        log.warning("queue: %s: cannot %s (%s): it stays in the queue", envelope.id, step,
+                    describe_failure(exc))
+        log.debug("queue: %s: where: %s", envelope.id, where_it_failed(exc))
 
     def expire(self, now):
         """What waited longer than --queue-lifetime goes back to its sender."""
         for envelope in list(self.waiting.values()):
-            if now - envelope.arrived > self.settings.queue_lifetime:
-                days = self.settings.queue_lifetime / 86400
-                reason = (f"4.4.7 not delivered in {days:g} days; the last try said: "
-                          f"{envelope.last_reply or 'nothing'}")
-                log.info("queue: %s: expired after %g days", envelope.id, days)
-                self.bounce(envelope, [(r, reason) for r in envelope.recipients], expired=True)
-                self.finish(envelope, [], None)
+            if now - envelope.arrived > self.settings.queue_lifetime and envelope.recipients:
+                try:
+                    self.expire_one(envelope)
+                except MessageGone:
+                    self.forget(envelope)
+                except Exception as exc:      # the boundary of this message's expiry
+                    self.step_failed("bounce it", envelope, exc)
+
+    def expire_one(self, envelope):
+        days = self.settings.queue_lifetime / 86400
+        reason = (f"4.4.7 not delivered in {days:g} days; the last try said: "
+                  f"{envelope.last_reply or 'nothing'}")
+        log.info("queue: %s: expired after %g days", envelope.id, days)
+        if self.bounce(envelope, [(r, reason) for r in envelope.recipients], expired=True):
+            self.finish(envelope, [], None)
+        else:
+            self.finish(envelope, envelope.recipients, "expired; its bounce could not be queued")
 
     def bounce(self, envelope, failures, expired):
-        """Tell the sender what failed, in a delivery status notification queued
-        like any mail (from the null sender); a bounce is never bounced."""
-        envelope.failures += [[recipient, printable(reply, 300)] for recipient, reply in failures]
-        if untold(envelope, self.settings.admin):
-            log.info("queue: %s: not bounced (it is a bounce, or has no sender), and no other "
-                     "admin address to tell: kept in failed/", envelope.id)
-            return
+        """Tell the sender (or, for a bounce or mail without a sender, the admin
+        address) what failed, in a delivery status notification queued like
+        any mail, from the null sender.  True once done, or when there is
+        nobody to tell; False if it could not be queued: the failures are then
+        not noted and the failed recipients stay to do (never failed/ without
+        its bounce)."""
+        noted = [[recipient, printable(reply, 300)] for recipient, reply in failures]
+        envelope.failures += noted
+        done = False
+        try:
+            if untold(envelope, self.settings.admin):
+                log.info("queue: %s: not bounced (it is a bounce, or has no sender), and no "
+                         "other admin address to tell: kept in failed/", envelope.id)
+                done = True
+            else:
+                done = self.queue_bounce(envelope, failures, expired)
+        finally:
+            if not done:
+                del envelope.failures[-len(noted):]
+        return done
+
+    def queue_bounce(self, envelope, failures, expired):
         to = envelope.sender if envelope.sender and not envelope.bounce else self.settings.admin
-        with self.spool.open_message(envelope) as message:
-            header = read_header(message)
+        try:
+            with self.spool.open_message(envelope) as message:
+                header = read_header(message)
+        except MessageGone:
+            raise
+        except SpoolError as exc:
+            log.warning("queue: %s: cannot read it for its bounce (%s): its refused recipient(s) "
+                        "stay to do", envelope.id, exc)
+            return False
         text = make_bounce(envelope, failures, header, self.settings.mail_name, expired, to)
         draft = self.spool.draft()
         notice = Envelope(draft.id, "", [to], time.time(), len(text),
@@ -3816,18 +4374,73 @@ class QueueRunner:
         draft.write_envelope(notice)
         draft.write(text)
         try:
-            in_thread(self.spool.commit, draft)
+            with self.writing:
+                in_thread(self.spool.commit, draft)
         except OSError as exc:
-            log.warning("queue: %s: cannot queue its bounce: %s", envelope.id, exc.strerror)
-            return
+            log.warning("queue: %s: cannot queue its bounce (%s): its refused recipient(s) "
+                        "stay to do", envelope.id, exc.strerror)
+            return False
         self.waiting[notice.id] = notice
         log.info("queue: %s: bounced as %s", envelope.id, notice.id)
+        return True
+
+    # -- `minimail delete` ---------------------------------------------------
+
+    def delete(self, ids):
+        """Remove messages by ID, waiting or failed, without a bounce: {ID: where
+        it was ("queued", "failed"), or None}.  Forgotten at once: one that is
+        being sent just now is never written back."""
+        with self.writing:
+            results = {queue_id: self.delete_one(queue_id) for queue_id in ids}
+        if "failed" in results.values():
+            self.count_failed()
+        self.on_change()
+        return results
+
+    def delete_one(self, queue_id):
+        envelope = self.waiting.get(queue_id)
+        try:
+            where = in_thread(self.spool.delete, queue_id)
+        except OSError as exc:
+            log.warning("queue: %s: cannot delete it: %s", queue_id, exc.strerror)
+            return "error"
+        if envelope is not None:
+            self.drop(envelope)
+            where = where or "queued"        # its file was gone already: forgotten now
+        log.info("queue: %s: %s", queue_id, f"deleted ({where})" if where else "not there")
+        return where
+
+    def take_requests(self):
+        """SIGUSR2: answer the requests `minimail delete` left in tmp/."""
+        requests = DeleteRequests(self.spool)
+        with self.answering:
+            try:
+                tokens = requests.waiting()
+            except OSError as exc:
+                return log.warning("queue: cannot look for delete requests: %s", exc.strerror)
+            for token in tokens:
+                try:
+                    in_thread(requests.answer, token, self.delete(requests.read(token)))
+                except (OSError, ValueError) as exc:
+                    log.warning("queue: a delete request cannot be answered: %s",
+                                describe_failure(exc))
+                    requests.drop(token)
 
 
-    def count_failed(self):
-        failed = self.spool.load("failed")
-        self.failed = len(failed)
-        self.untold = sum(untold(envelope, self.settings.admin) for envelope in failed)
+def describe_failure(exc):
+    """What went wrong in a step of the runner, fit for the log (no addresses)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    if isinstance(exc, SpoolError) or type(exc) is ValueError:    # minimail's own words
+        return printable(str(exc), 120)
+    return f"unexpected {type(exc).__name__}"
+
+
+def where_it_failed(exc):
+    """The code lines an exception passed, without its message (which may hold addresses)."""
+    import traceback
+    return " / ".join(f"{frame.name}:{frame.lineno}"
+                      for frame in traceback.extract_tb(exc.__traceback__))
 
 
 def untold(envelope, admin):
@@ -4676,6 +5289,7 @@ class Daemon:
         self.tunnel_dir = None
         self.state = None
         self.runner = None
+        self.queue_lock = None
         self.maildrop = None
         self.greenlets = []
         self.signals = 0
@@ -4699,15 +5313,20 @@ class Daemon:
         receiver = None
         if settings.queue:
             spool, hostname = Spool(settings.queue), smtp_hostname()
+            self.queue_lock = QueueLock(settings.queue)
+            self.queue_lock.hold()               # before anything in the queue is touched
             spool.prepare()
             self.runner = QueueRunner(spool, self.supervisor, settings, hostname, on_change)
-            receiver = Receiver(spool, settings, hostname, on_queued=self.runner.queued)
-            self.maildrop = Maildrop(spool, settings, hostname, self.runner.queued, on_change)
+            receiver = Receiver(spool, settings, hostname, on_queued=self.runner.queued,
+                                room_for=self.runner.room_for)
+            self.maildrop = Maildrop(spool, settings, hostname, self.runner.queued, on_change,
+                                     room_for=self.runner.room_for)
         self.forwarder = Forwarder(self.listener, self.supervisor, settings, receiver, on_change)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal_handler(signum, self.on_signal)
         signal_handler(signal.SIGHUP, self.logfile.reopen if self.logfile else note_sighup)
         signal_handler(signal.SIGUSR1, self.flush if self.runner else self.no_queue)
+        signal_handler(signal.SIGUSR2, self.runner.take_requests if self.runner else self.no_queue)
         for part in (self.supervisor, self.runner, self.maildrop):
             if part is not None:
                 greenlet = spawn(part.run)
@@ -4754,6 +5373,8 @@ class Daemon:
             self.state.remove()
         if self.pidfile:
             self.pidfile.release()
+        if self.queue_lock:
+            self.queue_lock.release()
         if self.tunnel_dir:
             shutil.rmtree(self.tunnel_dir, ignore_errors=True)
 
@@ -4774,7 +5395,7 @@ class Daemon:
 
     @staticmethod
     def no_queue():
-        log.info("SIGUSR1: there is no queue to flush (--no-queue)")
+        log.info("SIGUSR1/SIGUSR2: there is no queue to flush or delete from (--no-queue)")
 
     def describe(self):
         """The daemon's figures for the state file."""
@@ -4963,6 +5584,9 @@ def queue_listing(directory, queued, failed, now, admin=None):
                      + (", nobody was told" if untold(envelope, admin) else ""))
         lines += [f"    <{printable(recipient, 100)}>: {printable(reply, 200)}"
                   for recipient, reply in envelope.failures]
+    if queued or failed:
+        lines.append("(minimail flush: deliver now; minimail delete ID...: remove mail, "
+                     "without a bounce)")
     return lines
 
 
@@ -5000,6 +5624,89 @@ def flush(pidfile):
     print(f"asked minimail (pid {pid}) to deliver the queue now: "
           f"{queue['count'] or 0:.0f} message(s) waiting")
     return 0
+
+
+def delete(directory, ids):
+    """Remove queued or failed mail by ID (`minimail delete`): through the
+    running daemon, or directly while holding the queue's lock when none
+    runs.  Exit 1 if an ID is not there (the others are removed)."""
+    results = {queue_id: None for queue_id in ids}
+    if os.path.isdir(directory):
+        lock = QueueLock(directory)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)    # a mistaken ask is harmless here
+        try:
+            pid = queue_holder(lock)
+            results = delete_directly(Spool(directory), ids) if pid is None \
+                else ask_daemon_to_delete(DeleteRequests(Spool(directory)), pid, ids)
+        except PermissionError:
+            raise Fatal(f"cannot delete from the queue in {directory}: it belongs to "
+                        f"{owner_name(os.stat(directory).st_uid)} (try sudo)") from None
+        except OSError as exc:
+            raise Fatal(f"cannot delete from the queue in {directory}: {exc.strerror}") from None
+        finally:
+            lock.release()
+    for queue_id, where in results.items():
+        if where in ("queued", "failed"):
+            print(f"deleted {queue_id} (it {'was waiting' if where == 'queued' else 'had failed'})")
+        elif where == "error":
+            print(f"minimail: cannot delete {queue_id}: see the daemon's log", file=sys.stderr)
+        else:
+            print(f"minimail: no message {queue_id} in the queue in {directory}", file=sys.stderr)
+    return 0 if all(where in ("queued", "failed") for where in results.values()) else 1
+
+
+def queue_holder(lock):
+    """None once this process holds the queue's lock, else the pid of the
+    daemon that holds it (another `minimail delete` is waited for)."""
+    deadline = time.monotonic() + DELETE_LOCK_WAIT
+    while not lock.take():
+        pid = lock.daemon()
+        if pid is not None:
+            return pid
+        if time.monotonic() > deadline:
+            holder = lock.holder()
+            raise Fatal(f"the queue in {lock.root} is locked by pid {holder or '?'}, which is "
+                        f"no minimail daemon: try again later")
+        time.sleep(0.05)
+    return None
+
+
+def delete_directly(spool, ids):
+    for where in ("queued", "failed"):
+        if not stat.S_ISDIR(os.lstat(spool.path(where)).st_mode):
+            raise Fatal(f"{spool.path(where)} is not a directory (a link?): not deleting there")
+    results = {}
+    for queue_id in ids:
+        try:
+            results[queue_id] = spool.delete(queue_id)
+        except OSError as exc:
+            print(f"minimail: cannot delete {queue_id}: {exc.strerror}", file=sys.stderr)
+            results[queue_id] = "error"
+    return results
+
+
+def ask_daemon_to_delete(requests, pid, ids):
+    """Leave the daemon requests (at most DELETE_BATCH IDs each), signal it,
+    and wait for its answers."""
+    results = {}
+    for start in range(0, len(ids), DELETE_BATCH):
+        token = os.urandom(8).hex()
+        requests.write(token, ids[start:start + DELETE_BATCH])
+        try:
+            os.kill(pid, signal.SIGUSR2)
+        except PermissionError:
+            requests.drop(token)
+            raise Fatal(f"not allowed to signal minimail (pid {pid}): try sudo minimail "
+                        f"delete") from None
+        deadline = time.monotonic() + DELETE_ANSWER_WAIT
+        while (answer := requests.read_answer(token)) is None:
+            if time.monotonic() > deadline:
+                requests.drop(token)
+                raise Fatal(f"minimail (pid {pid}) did not answer within "
+                            f"{DELETE_ANSWER_WAIT:g} s; see its log")
+            time.sleep(0.02)
+        results.update(answer)
+    return {queue_id: results.get(queue_id) for queue_id in ids}
 
 
 # ---------------------------------------------------------------------------
@@ -6459,6 +7166,18 @@ def run_command(argv):
         return 1
 
 
+def queue_ids(words):
+    """The queue IDs named on the command line (upper-cased), each once."""
+    ids = []
+    for word in words:
+        if not QUEUE_ID.fullmatch(word.upper()):
+            raise UsageError(f"{printable(word, 40)!r} is not a queue ID (16 hex digits, "
+                             f"as `minimail queue` shows them)")
+        if word.upper() not in ids:
+            ids.append(word.upper())
+    return ids
+
+
 def with_settings_file(argv):
     """(argv with the settings file's options where they apply, the settings file)."""
     options, positional = split_argv(argv)
@@ -6481,6 +7200,9 @@ def dispatch(args, settings_file):
                       queue_directory(args["--queue"], settings_file, pidfile))
     if args["flush"]:
         return flush(pidfile)
+    if args["delete"]:
+        return delete(queue_directory(args["--queue"], settings_file, pidfile),
+                      queue_ids(args["ID"]))
     if args["queue"]:
         log_to_stderr(args["--verbose"])
         return show_queue(queue_directory(args["--queue"], settings_file, pidfile), args["--json"],

@@ -258,8 +258,11 @@ def test_cron_and_a_user_mail_while_minimail_is_down_and_each_arrives_once_when_
     assert oct(machine.maildrop.stat().st_mode) == "0o41733"
     assert machine.maildrop.stat().st_uid == pwd.getpwnam(daemon_user).pw_uid
     assert oct(machine.queue.stat().st_mode & 0o777) == "0o711"
-    assert {oct(p.stat().st_mode & 0o777) for p in machine.queue.iterdir() if p.name != "maildrop"} \
-        == {"0o700"}                                       # tmp, queued, failed, refused
+    assert {oct(p.stat().st_mode & 0o777) for p in machine.queue.iterdir()
+            if p.name not in ("maildrop", "lock")} == {"0o700"}      # tmp, queued, failed, refused
+    lock = machine.queue / "lock"                          # the daemon's, for its life
+    assert (oct(lock.stat().st_mode & 0o777), lock.stat().st_uid) == \
+        ("0o600", pwd.getpwnam(daemon_user).pw_uid)
     cron = machine.sendmail("-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root", message=CRON_MAIL)
     assert (cron.returncode, cron.stderr.decode().splitlines()) == (0, [stays_down_line(machine)])
     user = machine.sendmail("-i", "friend@hoster.example", user="nobody",
@@ -360,6 +363,21 @@ def test_a_kill_9_while_the_maildrop_is_taken_in_loses_nothing(machine, hoster):
     marks = [re.search(rb"mark-(\d{4})", m.content)[1] for m in hoster.messages]
     assert sorted(set(marks)) == [f"{i:04}".encode() for i in range(count)]      # none lost
     assert len(marks) <= count + 1                  # at most the one in the crash window twice
+
+
+def test_a_queue_at_its_cap_leaves_the_maildrop_waiting(machine, hoster):
+    machine.ran_once()
+    padding = f"{'a line of padding ' * 4}\n" * 150                     # 10 kB
+    assert machine.sendmail("-i", "root", message=f"Subject: capped\n\n{padding}").returncode == 0
+    name, = machine.dropped()
+    machine.start("--max-queue-size", 5000)               # less than the message
+    wait_until(lambda: "maildrop: cannot queue a file of uid 0 now: the queue holds 0 bytes in 0 "
+               "message(s), --max-queue-size is 5000" in machine.log(), 20, "the cap")
+    assert machine.dropped() == [name] and os.listdir(machine.queue / "queued") == []
+    machine.stop()
+    machine.start()                                       # room: 1 GiB
+    machine.wait_delivered(1)
+    machine.stop()
 
 
 @root_only
