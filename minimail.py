@@ -237,7 +237,7 @@ import time
 # gevent, docopt and the mail modules are imported where they are used: the
 # sendmail command (cron, mail(1)) must start fast and never loads them.
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 log = logging.getLogger("minimail")
 
