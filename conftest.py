@@ -561,6 +561,45 @@ def read_until_eof(sock, timeout=20):
 # ---------------------------------------------------------------------------
 
 @pytest.fixture
+def queueing(request, own_sshd, hoster, minimail_process, tmp_path):
+    """minimail in front of this module's sshd and hoster, retrying queued
+    mail after `retry` seconds (the module's QUEUE_RETRY, else 0.5), with a
+    pid file (so `status` and `flush` find it)."""
+    def start(*args, retry=getattr(request.module, "QUEUE_RETRY", 0.5), linger=30):
+        pidfile = tmp_path / f"minimail-{free_port()}.pid"
+        mm = minimail_via(own_sshd, hoster, minimail_process, linger)(
+            "--queue-retry", retry, "--pidfile", pidfile, *args)
+        mm.pidfile = pidfile
+        return mm
+    return start
+
+
+def run_as_nobody(main, argv, environ=None):
+    """(exit status, what it printed) of minimail's main(argv) run as nobody,
+    in a fork of this process (argv None: main() with sys.argv as set)."""
+    nobody = pwd.getpwnam("nobody")
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        status = 70
+        try:
+            os.close(read_end)
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            os.environ.update(environ or {})
+            sys.stdout = sys.stderr = os.fdopen(write_end, "w")
+            status = main() if argv is None else main(argv)
+            sys.stdout.flush()
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end) as output:
+        said = output.read()
+    _, status = os.waitpid(child, 0)
+    return os.waitstatus_to_exitcode(status), said
+
+
+@pytest.fixture
 def hoster_reachable(own_sshd):
     """reachable(False) stops this module's sshd, so ssh is refused at once;
     reachable(True) starts it again.  It runs again after the test."""

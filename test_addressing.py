@@ -29,7 +29,7 @@ import pytest
 
 import minimail
 from conftest import (AS_ROOT, Hoster, free_port, make_message, minimail_command, minimail_via,
-                      need, ssh_config_with_key, wait_until)
+                      need, run_as_nobody, ssh_config_with_key, wait_until)
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "minimail"
 SENDER, ADMIN = "me@example.org", "admin@example.org"
@@ -465,24 +465,11 @@ def test_mailq_as_another_user_says_in_one_line_that_it_needs_root(run_dir):
     settings.chmod(0o644)
     if os.geteuid() != 0:
         pytest.skip("needs root, to become another user")
-    nobody = pwd.getpwnam("nobody")
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:                                     # as nobody, invoked as mailq
-        os.close(read_end)
-        os.setgid(nobody.pw_gid)
-        os.setuid(nobody.pw_uid)
-        os.environ.update(MINIMAIL_CONFIG=str(settings), HOME="/nonexistent")
-        sys.stdout = sys.stderr = os.fdopen(write_end, "w")
-        sys.argv = ["/usr/bin/mailq"]
-        status = minimail.main()
-        sys.stdout.flush()
-        os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end) as output:
-        said = output.read()
-    _, status = os.waitpid(child, 0)
-    assert os.waitstatus_to_exitcode(status) == 69
+    with pytest.MonkeyPatch.context() as patch:        # invoked as mailq, as nobody
+        patch.setattr(sys, "argv", ["/usr/bin/mailq"])
+        status, said = run_as_nobody(minimail.main, None,
+                                     {"MINIMAIL_CONFIG": str(settings), "HOME": "/nonexistent"})
+    assert status == 69
     assert said == (f"minimail: cannot read the queue in {queue}: it belongs to root; listing it "
                     f"needs root (try sudo)\n")
 

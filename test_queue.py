@@ -9,47 +9,17 @@ server (aiosmtpd) receives what the queue delivers.
 
 import json
 import os
-import pwd
 import re
 import signal
 import smtplib
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
 
 from conftest import (
-    SWAKS, free_port, make_message, minimail_command, minimail_via, need,
-    send_mail, wait_until)
-
-
-@pytest.fixture
-def hoster_reachable(own_sshd):
-    """reachable(False) stops this module's sshd, so ssh is refused at once;
-    reachable(True) starts it again.  It runs again after the test."""
-    def reachable(up):
-        running = own_sshd.proc.poll() is None
-        if up and not running:
-            own_sshd.start()
-        elif not up and running:
-            own_sshd.stop()
-    yield reachable
-    reachable(True)
-
-
-@pytest.fixture
-def queueing(own_sshd, hoster, minimail_process, tmp_path):
-    """minimail in front of this module's sshd, retrying queued mail after
-    `retry` seconds, with a pid file (so `status` and `flush` find it)."""
-    def start(*args, retry=0.5, linger=30):
-        pidfile = tmp_path / f"minimail-{free_port()}.pid"
-        mm = minimail_via(own_sshd, hoster, minimail_process, linger)(
-            "--queue-retry", retry, "--pidfile", pidfile, *args)
-        mm.pidfile = pidfile
-        return mm
-    return start
+    SWAKS, make_message, minimail_command, need, run_as_nobody, send_mail, wait_until)
 
 
 def queued_as(reply):
@@ -509,22 +479,8 @@ def test_a_user_who_cannot_read_the_queue_is_told_in_one_line(run_dir):
     import minimail
     queue = run_dir / "queue"
     queue.mkdir(mode=0o700)
-    nobody = pwd.getpwnam("nobody")
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:                                       # as nobody, in a fork of this process
-        os.close(read_end)
-        os.setgid(nobody.pw_gid)
-        os.setuid(nobody.pw_uid)
-        sys.stdout = sys.stderr = os.fdopen(write_end, "w")
-        status = minimail.main(["queue", "--queue", str(queue)])
-        sys.stdout.flush()
-        os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end) as output:
-        said = output.read()
-    _, status = os.waitpid(child, 0)
-    assert os.waitstatus_to_exitcode(status) == 1
+    status, said = run_as_nobody(minimail.main, ["queue", "--queue", str(queue)])
+    assert status == 1
     assert said == (f"minimail: cannot read the queue in {queue}: it belongs to root; listing it "
                     f"needs root (try sudo)\n")
 

@@ -25,21 +25,12 @@ import time
 import pytest
 
 from conftest import (
-    MINIMAIL, AS_ROOT, fill_disk, free_port, make_message, minimail_command, minimail_via,
+    MINIMAIL, AS_ROOT, fill_disk, free_port, make_message, minimail_command,
     wait_until)
 
 
-@pytest.fixture
-def queueing(own_sshd, hoster, minimail_process, tmp_path):
-    """minimail in front of this module's sshd and the hoster (aiosmtpd),
-    retrying queued mail after `retry` seconds, with a pid file."""
-    def start(*args, retry=0.3, linger=30):
-        pidfile = tmp_path / f"minimail-{free_port()}.pid"
-        mm = minimail_via(own_sshd, hoster, minimail_process, linger)(
-            "--queue-retry", retry, "--pidfile", pidfile, *args)
-        mm.pidfile = pidfile
-        return mm
-    return start
+#: Queued mail is tried again after this long (the queueing fixture).
+QUEUE_RETRY = 0.3
 
 
 def submit(port, message, sender="cron@desktop.example", recipients=("admin@hoster.example",),
