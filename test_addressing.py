@@ -28,10 +28,10 @@ from pathlib import Path
 import pytest
 
 import minimail
-from conftest import (AS_ROOT, Hoster, free_port, make_message, minimail_command, minimail_via,
-                      need, run_as_nobody, ssh_config_with_key, wait_until)
+from conftest import (AS_ROOT, Hoster, console_script, free_port, make_message, minimail_command,
+                      minimail_via, need, run_as_nobody, ssh_config_with_key, wait_until)
 
-CONSOLE_SCRIPT = Path(sys.executable).parent / "minimail"
+CONSOLE_SCRIPT = console_script()
 SENDER, ADMIN = "me@example.org", "admin@example.org"
 #: The mail name the tests give this machine (through $MINIMAIL_MAILNAME).
 MAIL_NAME = "desktop.example.net"

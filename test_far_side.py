@@ -19,17 +19,15 @@ import signal
 import smtplib
 import socket
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 import minimail
-from conftest import make_message, minimail_command, proc_status, wait_until
+from conftest import console_script, make_message, minimail_command, proc_status, wait_until
 
-CONSOLE_SCRIPT = Path(sys.executable).parent / "minimail"
+CONSOLE_SCRIPT = console_script()
 
 
 # ---------------------------------------------------------------------------

@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 
 import minimail
-from conftest import MINIMAIL, free_port, minimail_command, need, wait_until
+from conftest import MINIMAIL, console_script, free_port, minimail_command, need, wait_until
 
-CONSOLE_SCRIPT = Path(sys.executable).parent / "minimail"
+CONSOLE_SCRIPT = console_script()
 SENDER, ADMIN = "me@desktop.example", "admin@hoster.example"
 NOBODY = pwd.getpwnam("nobody")
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to be another user")
