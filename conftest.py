@@ -574,9 +574,9 @@ def queueing(request, own_sshd, hoster, minimail_process, tmp_path):
     return start
 
 
-def run_as_nobody(main, argv, environ=None):
-    """(exit status, what it printed) of minimail's main(argv) run as nobody,
-    in a fork of this process (argv None: main() with sys.argv as set)."""
+def as_nobody(action):
+    """Run action() in a fork of this process as nobody; (its exit status, what it wrote
+    to the pipe it is given as its argument)."""
     nobody = pwd.getpwnam("nobody")
     read_end, write_end = os.pipe()
     child = os.fork()
@@ -586,17 +586,17 @@ def run_as_nobody(main, argv, environ=None):
             os.close(read_end)
             os.setgid(nobody.pw_gid)
             os.setuid(nobody.pw_uid)
-            os.environ.update(environ or {})
-            sys.stdout = sys.stderr = os.fdopen(write_end, "w")
-            status = main() if argv is None else main(argv)
-            sys.stdout.flush()
+            out = os.fdopen(write_end, "w")
+            sys.stdout = sys.stderr = out
+            status = action(out)
+            out.flush()
         finally:
             os._exit(status)
     os.close(write_end)
-    with os.fdopen(read_end) as output:
-        said = output.read()
+    with os.fdopen(read_end) as said:
+        text = said.read()
     _, status = os.waitpid(child, 0)
-    return os.waitstatus_to_exitcode(status), said
+    return os.waitstatus_to_exitcode(status), text
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ import pytest
 
 import minimail
 from conftest import (AS_ROOT, Hoster, console_script, free_port, make_message, minimail_command,
-                      minimail_via, need, run_as_nobody, ssh_config_with_key, wait_until)
+                      minimail_via, need, as_nobody, ssh_config_with_key, wait_until)
 
 CONSOLE_SCRIPT = console_script()
 SENDER, ADMIN = "me@example.org", "admin@example.org"
@@ -465,10 +465,11 @@ def test_mailq_as_another_user_says_in_one_line_that_it_needs_root(run_dir):
     settings.chmod(0o644)
     if os.geteuid() != 0:
         pytest.skip("needs root, to become another user")
-    with pytest.MonkeyPatch.context() as patch:        # invoked as mailq, as nobody
-        patch.setattr(sys, "argv", ["/usr/bin/mailq"])
-        status, said = run_as_nobody(minimail.main, None,
-                                     {"MINIMAIL_CONFIG": str(settings), "HOME": "/nonexistent"})
+    def mailq(_out):                                   # as nobody, invoked as mailq
+        os.environ.update(MINIMAIL_CONFIG=str(settings), HOME="/nonexistent")
+        sys.argv = ["/usr/bin/mailq"]                  # in the fork only
+        return minimail.main()
+    status, said = as_nobody(mailq)
     assert status == 69
     assert said == (f"minimail: cannot read the queue in {queue}: it belongs to root; listing it "
                     f"needs root (try sudo)\n")

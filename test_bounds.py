@@ -29,7 +29,7 @@ from docopt import docopt
 
 import minimail
 from conftest import (
-    AS_ROOT, MINIMAIL, SWAKS, alive, free_port, make_message, minimail_command, need,
+    AS_ROOT, MINIMAIL, SWAKS, alive, as_nobody, free_port, make_message, minimail_command, need,
     wait_until)
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -359,31 +359,6 @@ def test_an_unknown_option_is_echoed_escaped():
 # ---------------------------------------------------------------------------
 # Item 17: the pid file's lock is minimail's alone
 # ---------------------------------------------------------------------------
-
-def as_nobody(action):
-    """Run action() in a fork of this process as nobody; (its exit status, what it wrote
-    to the pipe it is given as its argument)."""
-    nobody = pwd.getpwnam("nobody")
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:
-        status = 70
-        try:
-            os.close(read_end)
-            os.setgid(nobody.pw_gid)
-            os.setuid(nobody.pw_uid)
-            out = os.fdopen(write_end, "w")
-            sys.stdout = sys.stderr = out
-            status = action(out)
-            out.flush()
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end) as said:
-        text = said.read()
-    _, status = os.waitpid(child, 0)
-    return os.waitstatus_to_exitcode(status), text
-
 
 def lock_as_nobody(pidfile, holding):
     """As another user, in a fork: take the pid file's lock if the file opens, and

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from conftest import (
-    SWAKS, make_message, minimail_command, need, run_as_nobody, send_mail, wait_until)
+    SWAKS, make_message, minimail_command, need, as_nobody, send_mail, wait_until)
 
 
 def queued_as(reply):
@@ -479,7 +479,7 @@ def test_a_user_who_cannot_read_the_queue_is_told_in_one_line(run_dir):
     import minimail
     queue = run_dir / "queue"
     queue.mkdir(mode=0o700)
-    status, said = run_as_nobody(minimail.main, ["queue", "--queue", str(queue)])
+    status, said = as_nobody(lambda _out: minimail.main(["queue", "--queue", str(queue)]))
     assert status == 1
     assert said == (f"minimail: cannot read the queue in {queue}: it belongs to root; listing it "
                     f"needs root (try sudo)\n")
