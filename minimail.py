@@ -3499,7 +3499,7 @@ class Reception:
         sender, params = parsed
         body, smtputf8, size = None, False, 0
         for name, value in params:
-            if name == "SIZE" and value and value.isdigit():
+            if name == "SIZE" and value and value.isascii() and value.isdigit():
                 size = int(value)
                 if size > self.receiver.settings.max_size:
                     return self.send("552 5.3.4 message too big for the queue")
