@@ -7,17 +7,48 @@ and minimail serves the client itself; hand-driven sockets speak SMTP.
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import AS_ROOT, MINIMAIL, free_port, wait_until
-from test_queue import Dialogue, hoster_reachable, queueing   # noqa: F401 (fixtures)
+from conftest import AS_ROOT, MINIMAIL, free_port, minimail_via, wait_until
 
 
 pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def queueing(own_sshd, hoster, minimail_process):
+    """minimail in front of this module's sshd (stopped with hoster_reachable)."""
+    return minimail_via(own_sshd, hoster, minimail_process, 30)
+
+
+class Dialogue:
+    """A hand-driven SMTP client on a socket: a command, then its reply."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.reader = self.sock.makefile("rb")
+
+    def reply(self):
+        lines = []
+        while True:
+            line = self.reader.readline()
+            assert line, f"closed after {lines}"
+            lines.append(line)
+            if line[3:4] != b"-":
+                return b"".join(lines)
+
+    def command(self, text):
+        self.sock.sendall(text.encode() + b"\r\n")
+        return self.reply()
+
+    def close(self):
+        self.reader.close()
+        self.sock.close()
 
 
 def test_a_size_in_digits_that_are_not_ascii_gets_a_reply_not_a_traceback(
