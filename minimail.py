@@ -3507,7 +3507,7 @@ class Reception:
         sender, params = parsed
         body, smtputf8, size = None, False, 0
         for name, value in params:
-            if name == "SIZE" and value and value.isdigit():
+            if name == "SIZE" and value and value.isascii() and value.isdigit():
                 size = int(value)
                 if size > self.receiver.settings.max_size:
                     return self.send("552 5.3.4 message too big for the queue")
@@ -4869,6 +4869,15 @@ def note_sighup(_signum=None, _frame=None):
     log.info("SIGHUP: logging to stderr, nothing to reopen")
 
 
+def note_early_signal(signum, _frame=None):
+    """SIGUSR1 or SIGUSR2 before the daemon's handlers are in place (`minimail
+    flush` and `delete` signal the pid as soon as the pid file or the queue's
+    lock names it): never fatal.  The daemon looks at its queue, its maildrop
+    and the delete requests in tmp/ once it runs."""
+    log.info("%s while minimail starts: its queue is looked at once it runs",
+             signal.Signals(signum).name)
+
+
 class PidFile:
     """The daemon's pid file, locked (flock) for as long as the daemon runs:
     a second daemon with the same pid file cannot start, and `stop` believes
@@ -5189,6 +5198,8 @@ class Readiness:
 def start(settings, foreground):
     """Start minimail, in the foreground or as a daemon; return the exit status."""
     signal.signal(signal.SIGHUP, note_sighup)     # from bind() on; not SIG_IGN, which ssh would inherit
+    for signum in (signal.SIGUSR1, signal.SIGUSR2):     # from the pid file and the queue's lock on
+        signal.signal(signum, note_early_signal)
     user = target_user(settings)
     paths = default_paths()
     pidfile = settings.pidfile or (None if foreground else paths.pidfile)
@@ -5343,6 +5354,8 @@ class Daemon:
                 greenlet.link_exception(lambda _: self.stopping.set())
                 self.greenlets.append(greenlet)
         self.forwarder.start()
+        if self.runner is not None:          # a `minimail delete` that asked while it started
+            spawn(self.runner.take_requests)
         if self.state:
             self.state.write()
 
