@@ -4187,12 +4187,12 @@ class QueueRunner:
         left = list(envelopes)
         try:
             smtp.greet()
-            while left and not self.stopping and self.deliver_guarded(smtp, left[0]):
+            while left and not self.stopping:
+                if not self.deliver_guarded(smtp, left[0]):     # the connection is in doubt:
+                    return [] if self.stopping else left[1:]    # no QUIT into a half-sent text
                 left.pop(0)
-            if not left or self.stopping:
-                smtp.quit()
-                return []
-            return left[1:]
+            smtp.quit()
+            return []
         except DialogueFailed as exc:         # its text names steps and codes only
             log.warning("queue: the dialogue with the hoster ended: %s", exc)
             for envelope in left if not self.stopping else left[:1]:
