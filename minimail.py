@@ -6238,11 +6238,12 @@ class Unreachable(SendmailExit):
     final reply.  Only this sends the mail to the maildrop (a reply, even a 4xx,
     means minimail runs and has spoken)."""
 
-    def __init__(self, what, detail, message, pending=None):
+    def __init__(self, what, detail, message, pending=None, answered=None):
         super().__init__(EX_TEMPFAIL, message)
         self.what = what                  # "is not running", "went away"
         self.detail = detail              # where, and what happened
         self.pending = pending            # the recipients not yet accepted (None: all)
+        self.answered = answered or {}    # the others: {recipient: minimail's Reply}
 
 
 SendmailFlags = collections.namedtuple(
@@ -6921,7 +6922,8 @@ def submit_in_transactions(client, sender, recipients, parameters, message, wher
             done = client.transaction(sender, todo, parameters, message)
         except DialogueFailed as exc:
             if exc.gone:                  # what is not taken yet goes to the maildrop
-                raise went_away(where, exc, todo) from None
+                answered = {r: reply for r, reply in results.items() if r not in todo}
+                raise went_away(where, exc, todo, answered) from None
             raise
         if done.refused is not None:
             raise SendmailExit(EX_UNAVAILABLE if done.refused.code >= 500 else EX_TEMPFAIL,
@@ -6946,11 +6948,12 @@ def submission_status(recipients, results):
                                f"accepted, <{printable(recipient, 100)}> with: {reply}")
 
 
-def went_away(where, exc, pending):
+def went_away(where, exc, pending, answered=None):
     """minimail went away before its final reply: the mail, or the recipients
-    still pending, may go to the maildrop."""
+    still pending, may go to the maildrop (answered: its replies for the others,
+    from the transactions before)."""
     return Unreachable("went away", f"{where}: {exc}", f"minimail at {where}: {exc}",
-                       pending=pending)
+                       pending=pending, answered=answered)
 
 
 def keep_in_maildrop(unreachable, settings_file, sender, recipients, message, options):
@@ -6973,7 +6976,9 @@ def keep_in_maildrop(unreachable, settings_file, sender, recipients, message, op
         os.close(maildrop)
     print(f"minimail: minimail {unreachable.what} ({unreachable.detail}): the mail waits in "
           f"{where} and goes out once minimail runs", file=sys.stderr)
-    return EX_OK
+    kept = Reply(250, [f"kept in {where}"])
+    return submission_status(recipients, {**dict.fromkeys(recipients, kept),
+                                          **unreachable.answered})
 
 
 def maildrop_size_limit(settings_file):

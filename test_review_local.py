@@ -1,0 +1,70 @@
+"""A second read of the local-mail parts where their pieces meet: the sendmail
+command's transactions and the maildrop, the daemon's intake.
+
+Built on test_maildrop's machine (a settings file, a queue the real daemon
+made, the `sendmail` symlink) and its stand-in minimail on loopback.
+"""
+
+import pytest
+
+from test_maildrop import StandIn, machine, root_only  # noqa: F401 (fixtures)
+
+
+class TakesSomeThenGoes(StandIn):
+    """A minimail that takes 100 recipients a transaction (452 for more), refuses
+    one of them for good, and goes away in the second transaction's DATA."""
+
+    def __init__(self, refused):
+        self.refused, self.transactions = refused.encode(), 0
+        super().__init__()
+
+    def session(self, conn, lines):
+        conn.sendall(b"220 stand-in ESMTP\r\n")
+        taken = 0
+        for line in iter(lambda: lines.readline(1024), b""):
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                conn.sendall(b"250-stand-in\r\n250 8BITMIME\r\n")
+            elif verb == b"MAIL":
+                taken = 0
+                conn.sendall(b"250 2.1.0 ok\r\n")
+            elif verb == b"RCPT" and self.refused in line:
+                conn.sendall(b"550 5.1.1 no such user\r\n")
+            elif verb == b"RCPT":
+                taken += 1
+                conn.sendall(b"250 2.1.5 ok\r\n" if taken <= 100 else
+                             b"452 4.5.3 too many recipients\r\n")
+            elif verb == b"DATA":
+                self.transactions += 1
+                conn.sendall(b"354 go on\r\n")
+                if self.transactions > 1:
+                    lines.read(100)
+                    return                                  # gone before its reply
+                self.sink(lines)
+                conn.sendall(b"250 2.0.0 taken\r\n")
+            else:
+                conn.sendall(b"250 ok\r\n")
+
+
+@pytest.fixture
+def takes_some_then_goes():
+    made = TakesSomeThenGoes("refused@hoster.example")
+    yield made
+    made.close()
+
+
+@root_only
+def test_a_recipient_refused_before_minimail_went_away_is_not_passed_over(
+        machine, takes_some_then_goes):
+    machine.ran_once()
+    machine.configure(listen=takes_some_then_goes.port)
+    recipients = ["refused@hoster.example"] + [f"u{i}@hoster.example" for i in range(150)]
+    result = machine.sendmail("-i", *recipients, message="Subject: many\n\nto many\n")
+    said = result.stderr.decode().splitlines()
+    assert said[0].startswith("minimail: minimail went away ("), said
+    assert said[1:] == ["minimail: 1 of 151 recipients were not accepted, "
+                        "<refused@hoster.example> with: 550 5.1.1 no such user"]
+    assert result.returncode == 67
+    dropped, = machine.dropped()                  # the 50 the first transaction left
+    envelope = (machine.maildrop / dropped).read_bytes().split(b"\r\n", 1)[0]
+    assert envelope.count(b"@hoster.example") == 50 and b"refused@" not in envelope
