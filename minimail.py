@@ -676,6 +676,14 @@ class SettingsFile:
             values[key] = value
         return cls(path, values)
 
+    def check_options(self):
+        """UsageError naming the file if MINIMAIL_OPTIONS holds an unknown option
+        (the sendmail command reads it in pieces, later: a 78 there, not a 70)."""
+        try:
+            split_argv(self.options)
+        except UsageError as exc:
+            raise UsageError(f"{self.path}: MINIMAIL_OPTIONS: {exc}") from None
+
     def option(self, name):
         """The last value MINIMAIL_OPTIONS gives an option (canonical name), or None."""
         found = None
@@ -6337,6 +6345,7 @@ def sendmail_main(argv):
         flags, recipients = parse_sendmail_flags(argv)
         try:
             settings_file = SettingsFile.find()
+            settings_file.check_options()
         except UsageError as exc:
             raise SendmailExit(EX_CONFIG, str(exc)) from None
         if flags.mode == "p":

@@ -5,9 +5,12 @@ Built on test_maildrop's machine (a settings file, a queue the real daemon
 made, the `sendmail` symlink) and its stand-in minimail on loopback.
 """
 
+import os
+import subprocess
+
 import pytest
 
-from test_maildrop import StandIn, machine, root_only  # noqa: F401 (fixtures)
+from test_maildrop import CONSOLE_SCRIPT, StandIn, machine, root_only  # noqa: F401 (fixtures)
 
 
 class TakesSomeThenGoes(StandIn):
@@ -68,3 +71,19 @@ def test_a_recipient_refused_before_minimail_went_away_is_not_passed_over(
     dropped, = machine.dropped()                  # the 50 the first transaction left
     envelope = (machine.maildrop / dropped).read_bytes().split(b"\r\n", 1)[0]
     assert envelope.count(b"@hoster.example") == 50 and b"refused@" not in envelope
+
+
+@pytest.mark.parametrize("name, flags", [("sendmail", ["-bp"]), ("sendmail", ["-q"]),
+                                         ("mailq", []), ("sendmail", ["-i", "root"])])
+def test_an_unknown_option_in_the_settings_file_is_a_settings_error_for_every_mode(
+        tmp_path, name, flags):
+    config = tmp_path / "minimail.conf"
+    config.write_text("MINIMAIL_OPTIONS=--bogus 1\nMINIMAIL_SENDER=me@desktop.example\n"
+                      "MINIMAIL_ADMIN=admin@hoster.example\n")
+    (tmp_path / name).symlink_to(CONSOLE_SCRIPT)
+    env = {**os.environ, "MINIMAIL_CONFIG": str(config), "MINIMAIL_ALIASES": "/dev/null"}
+    result = subprocess.run([str(tmp_path / name), *flags], input=b"Subject: x\n\nhi\n",
+                            capture_output=True, env=env, timeout=30)
+    assert result.stderr.decode().splitlines() == [
+        f"minimail: {config}: MINIMAIL_OPTIONS: unknown option --bogus"]
+    assert result.returncode == 78
