@@ -6394,7 +6394,7 @@ def newaliases(path):
 
 
 #: Where the machine's minimail keeps its queue: root's daemon, the service.
-MACHINE_QUEUES = ("/var/spool/minimail", "/var/lib/minimail/queue")
+MACHINE_QUEUES = (ROOT_QUEUE, SERVICE_QUEUE)
 
 
 def mailq_directory(settings_file, machine_queues=MACHINE_QUEUES):
@@ -7009,7 +7009,7 @@ def find_maildrop(settings_file):
         return None, None
     named = settings_file.option("--queue")
     for queue in [os.path.abspath(named)] if named else \
-            dict.fromkeys((default_paths().queue, ROOT_QUEUE, SERVICE_QUEUE)):
+            dict.fromkeys((default_paths().queue, *MACHINE_QUEUES)):
         maildrop = open_maildrop(queue)
         if maildrop is not None:
             return queue, maildrop
