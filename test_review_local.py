@@ -10,7 +10,16 @@ import subprocess
 
 import pytest
 
-from test_maildrop import CONSOLE_SCRIPT, StandIn, machine, root_only  # noqa: F401 (fixtures)
+from conftest import minimail_command
+from test_maildrop import CONSOLE_SCRIPT, Machine, StandIn, root_only
+
+
+@pytest.fixture
+def machine(run_dir, hoster):
+    made = Machine(run_dir, hoster)
+    yield made
+    if made.pidfile.exists():                          # a test failed with its daemon running
+        minimail_command("stop", "--pidfile", made.pidfile)
 
 
 class TakesSomeThenGoes(StandIn):
