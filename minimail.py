@@ -6977,7 +6977,9 @@ def keep_in_maildrop(unreachable, settings_file, sender, recipients, message, op
             raise SendmailExit(EX_TEMPFAIL, f"{unreachable}; the message ({message.size} bytes) "
                                             f"is larger than --max-size: not kept in {where}")
         pending = recipients if unreachable.pending is None else unreachable.pending
-        write_to_maildrop(maildrop, maildrop_envelope(sender, pending, options), message)
+        for first in range(0, len(pending), MAX_RECIPIENTS):     # each one the daemon takes
+            envelope = maildrop_envelope(sender, pending[first:first + MAX_RECIPIENTS], options)
+            write_to_maildrop(maildrop, envelope, message)
     except OSError as exc:
         raise SendmailExit(EX_TEMPFAIL, f"{unreachable}; and {where} cannot keep the mail: "
                                         f"{exc.strerror}") from None

@@ -10,7 +10,8 @@ import subprocess
 
 import pytest
 
-from conftest import minimail_command
+import minimail
+from conftest import free_port, minimail_command
 from test_maildrop import CONSOLE_SCRIPT, Machine, StandIn, root_only
 
 
@@ -96,3 +97,20 @@ def test_an_unknown_option_in_the_settings_file_is_a_settings_error_for_every_mo
     assert result.stderr.decode().splitlines() == [
         f"minimail: {config}: MINIMAIL_OPTIONS: unknown option --bogus"]
     assert result.returncode == 78
+
+
+@root_only
+def test_more_recipients_than_a_maildrop_file_may_name_are_kept_in_files_the_daemon_takes(
+        machine):
+    machine.ran_once()
+    machine.configure(listen=free_port())                   # minimail is down
+    recipients = [f"u{i}@hoster.example" for i in range(minimail.MAILDROP_RECIPIENTS_MAX + 1)]
+    result = machine.sendmail("-i", *recipients, message="Subject: many\n\nto many\n")
+    assert result.returncode == 0, result.stderr
+    named = []
+    for name in machine.dropped():
+        with open(machine.maildrop / name, "rb") as dropped:
+            envelope = minimail.read_maildrop_envelope(dropped, os.fstat(dropped.fileno()),
+                                                       minimail.MAX_SIZE_DEFAULT)
+        named += envelope[1]
+    assert sorted(named) == sorted(recipients)
