@@ -677,10 +677,16 @@ class SettingsFile:
         return cls(path, values)
 
     def check_options(self):
-        """UsageError naming the file if MINIMAIL_OPTIONS holds an unknown option
-        (the sendmail command reads it in pieces, later: a 78 there, not a 70)."""
+        """UsageError naming the file if MINIMAIL_OPTIONS holds an unknown option,
+        or one without its value (the sendmail command reads it in pieces, later:
+        a 78 there, not a 70, nor --queue's value silently taken for the default)."""
         try:
-            split_argv(self.options)
+            options, _ = split_argv(self.options)
+            table = option_table()
+            missing = next((name for name, value in options if value is None and table[name][1]),
+                           None)
+            if missing:
+                raise UsageError(f"{missing} needs a value")
         except UsageError as exc:
             raise UsageError(f"{self.path}: MINIMAIL_OPTIONS: {exc}") from None
 

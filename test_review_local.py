@@ -83,19 +83,21 @@ def test_a_recipient_refused_before_minimail_went_away_is_not_passed_over(
     assert envelope.count(b"@hoster.example") == 50 and b"refused@" not in envelope
 
 
+@pytest.mark.parametrize("options, complaint", [("--bogus 1", "unknown option --bogus"),
+                                                 ("--listen 2525 --queue", "--queue needs a value")])
 @pytest.mark.parametrize("name, flags", [("sendmail", ["-bp"]), ("sendmail", ["-q"]),
                                          ("mailq", []), ("sendmail", ["-i", "root"])])
 def test_an_unknown_option_in_the_settings_file_is_a_settings_error_for_every_mode(
-        tmp_path, name, flags):
+        tmp_path, name, flags, options, complaint):
     config = tmp_path / "minimail.conf"
-    config.write_text("MINIMAIL_OPTIONS=--bogus 1\nMINIMAIL_SENDER=me@desktop.example\n"
+    config.write_text(f"MINIMAIL_OPTIONS={options}\nMINIMAIL_SENDER=me@desktop.example\n"
                       "MINIMAIL_ADMIN=admin@hoster.example\n")
     (tmp_path / name).symlink_to(CONSOLE_SCRIPT)
     env = {**os.environ, "MINIMAIL_CONFIG": str(config), "MINIMAIL_ALIASES": "/dev/null"}
     result = subprocess.run([str(tmp_path / name), *flags], input=b"Subject: x\n\nhi\n",
                             capture_output=True, env=env, timeout=30)
     assert result.stderr.decode().splitlines() == [
-        f"minimail: {config}: MINIMAIL_OPTIONS: unknown option --bogus"]
+        f"minimail: {config}: MINIMAIL_OPTIONS: {complaint}"]
     assert result.returncode == 78
 
 
