@@ -237,7 +237,7 @@ import time
 # gevent, docopt and the mail modules are imported where they are used: the
 # sendmail command (cron, mail(1)) must start fast and never loads them.
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 log = logging.getLogger("minimail")
 
@@ -2317,6 +2317,13 @@ class DotStuffer:
         return b".\r\n" if self.tail == b"\r\n" else b"\r\n.\r\n"
 
 
+def send_at_once(sock):
+    """No Nagle on a TCP connection: a command or the text's last block must
+    not wait for the ACK of what went before (a delayed ACK: 40 ms)."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class SmtpClient:
     """One SMTP dialogue with a far side, on any socket object (a blocking
     stdlib socket in the sendmail command, a gevent socket in the runner),
@@ -2336,6 +2343,7 @@ class SmtpClient:
         self.utf8 = False             # the transaction asked for SMTPUTF8
         self.received = 0             # bytes from the far side
         self.broken = None            # why the dialogue cannot go on (a failed RSET)
+        send_at_once(sock)
 
     # -- a session ---------------------------------------------------------
 
@@ -5330,7 +5338,9 @@ class Daemon:
             self.queue_lock = QueueLock(settings.queue)
             self.queue_lock.hold()               # before anything in the queue is touched
             spool.prepare()
-            self.runner = QueueRunner(spool, self.supervisor, settings, hostname, on_change)
+            # The hoster hears the mail name in EHLO: a strict one refuses a bare host name.
+            self.runner = QueueRunner(spool, self.supervisor, settings, settings.mail_name,
+                                      on_change)
             receiver = Receiver(spool, settings, hostname, on_queued=self.runner.queued,
                                 room_for=self.runner.room_for)
             self.maildrop = Maildrop(spool, settings, hostname, self.runner.queued, on_change,
@@ -6441,8 +6451,8 @@ def submit_from_stdin(flags, recipients, settings_file):
     check_addresses(flags.sender or "", *recipients)
     if flags.full_name is not None and not flags.full_name.isprintable():
         raise SendmailExit(EX_USAGE, "-F: the name may hold no line breaks or control characters")
-    sender, recipients, header = address_locally(flags, recipients, header, settings_file,
-                                                 hostname)
+    sender, recipients, header, hostname = address_locally(flags, recipients, header,
+                                                           settings_file, hostname)
     check_addresses(sender, *recipients)
     message = MessageFile(b"".join(line + b"\r\n" for line in header) + b"\r\n", body)
     options = []
@@ -6469,15 +6479,17 @@ def check_addresses(*addresses):
 def address_locally(flags, recipients, header, settings_file, hostname):
     """The sendmail command as the machine's MTA (see "Local mail" in --help):
     (the envelope sender, the recipients as the aliases lead, the header with
-    its local addresses rewritten and Date, Message-ID and From added)."""
+    its local addresses rewritten and Date, Message-ID and From added, and
+    the mail name, which EHLO says too: a strict hoster refuses a bare one)."""
     names = MailNames(settings_file, hostname=hostname)
     aliases = Aliases.load(settings_file.aliases)
     recipients = deliverable(recipients, settings_file, aliases, names, show_notes=True)
     sender = envelope_sender(flags.sender, settings_file, names)
     delivered = lambda address: deliverable([address], settings_file, aliases, names, quiet=True)
     header = rewrite_header(header, names.is_local, names.masquerade(), delivered)
-    header = completed_header(header, sender, flags.full_name, names.mail_name())
-    return sender, recipients, header
+    mail_name = names.mail_name()
+    header = completed_header(header, sender, flags.full_name, mail_name)
+    return sender, recipients, header, mail_name
 
 
 def read_message(stream, dot_ends):
@@ -6624,13 +6636,19 @@ class MessageFile(io.RawIOBase):
         return self.position
 
     def readinto(self, buffer):
+        """As much as fits, the header's end and the body's start together (a
+        small message goes out in one block)."""
+        view, done = memoryview(buffer).cast("B"), 0
         if self.position < len(self.head):
-            data = self.head[self.position:self.position + len(buffer)]
-        else:
-            data = os.pread(self.body.fd, len(buffer), self.position - len(self.head))
-        buffer[:len(data)] = data
-        self.position += len(data)
-        return len(data)
+            data = self.head[self.position:self.position + len(view)]
+            view[:len(data)] = data
+            done = len(data)
+        if done < len(view):
+            data = os.pread(self.body.fd, len(view) - done, self.position + done - len(self.head))
+            view[done:done + len(data)] = data
+            done += len(data)
+        self.position += done
+        return done
 
 
 HEADER_FIELD = re.compile(rb"[!-9;-~]+:")

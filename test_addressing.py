@@ -73,6 +73,9 @@ def unqualified(address, what):
 
 
 class StrictHoster(Hoster):
+    """Refuses what a strict Postfix refuses: unqualified senders and
+    recipients, and a client whose EHLO name is not fully qualified."""
+
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         refused = unqualified(address, "Sender")
         if refused:
@@ -82,8 +85,15 @@ class StrictHoster(Hoster):
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        return unqualified(address, "Recipient") or \
+        return bare_helo(session.host_name) or unqualified(address, "Recipient") or \
             await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+
+def bare_helo(name):
+    """Postfix's reject_non_fqdn_helo_hostname: the EHLO name must be dotted."""
+    if "." not in (name or "").strip("[]"):
+        return f"504 5.5.2 <{name}>: Helo command rejected: need fully-qualified hostname"
+    return None
 
 
 @pytest.fixture
