@@ -5949,8 +5949,10 @@ ALIAS_STEPS_MAX = 1000
 MAIL_NAME_FALLBACK = "localhost.localdomain"
 #: Names every machine goes by (address literals included).
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "[127.0.0.1]", "[ipv6:::1]")
-#: A host name as minimail accepts it from a file or the resolver.
-HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,62}\.?)*", re.I)
+#: A host name as minimail accepts it from a file or the resolver: labels of
+#: at most 63 characters between single dots (each dot ends a label, so a
+#: name that fails is found out in one pass, never by trying every split).
+HOST_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}(?:\.[a-z0-9-]{1,63})*\.?", re.I)
 
 
 def domain_of(address):

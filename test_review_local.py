@@ -7,6 +7,7 @@ made, the `sendmail` symlink) and its stand-in minimail on loopback.
 
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -116,3 +117,23 @@ def test_more_recipients_than_a_maildrop_file_may_name_are_kept_in_files_the_dae
                                                        minimail.MAX_SIZE_DEFAULT)
         named += envelope[1]
     assert sorted(named) == sorted(recipients)
+
+
+def test_a_mail_name_file_with_a_stray_character_is_refused_at_once(tmp_path):
+    mailname = tmp_path / "mailname"
+    mailname.write_text("backup-server.internal.example.org/\n")   # tried every split: minutes
+    listening = StandIn()
+    try:
+        config = tmp_path / "minimail.conf"
+        config.write_text(f"MINIMAIL_OPTIONS=--listen 127.0.0.1:{listening.port} --no-queue\n"
+                          "MINIMAIL_SENDER=me@desktop.example\n")
+        env = {**os.environ, "MINIMAIL_CONFIG": str(config), "MINIMAIL_MAILNAME": str(mailname)}
+        started = time.monotonic()
+        result = subprocess.run([str(CONSOLE_SCRIPT), "sendmail", "-i", "you@hoster.example"],
+                                input=b"Subject: x\n\nhi\n", capture_output=True, env=env,
+                                timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert time.monotonic() - started < 10
+    finally:
+        listening.close()
+    assert minimail.read_mailname(str(mailname)) == ""
