@@ -5994,9 +5994,10 @@ def read_small_file(path, limit):
 
 def choose_mail_name(file_name, fqdn, sender=None, admin=None):
     """The mail name: /etc/mailname's if dotted, else the FQDN if dotted, else
-    the domain of the sender (or admin) address; None if none of them is."""
+    the domain of the sender (or admin) address; None if none of them is.  A
+    name EHLO cannot say (not ASCII, not a host name) is passed over."""
     for name in (file_name, fqdn(), domain_of(sender or ""), domain_of(admin or "")):
-        if dotted(name):
+        if dotted(name) and len(name) <= 253 and HOST_NAME.fullmatch(name):
             return name
     return None
 

@@ -137,3 +137,25 @@ def test_a_mail_name_file_with_a_stray_character_is_refused_at_once(tmp_path):
     finally:
         listening.close()
     assert minimail.read_mailname(str(mailname)) == ""
+
+
+def test_a_sender_domain_ehlo_cannot_say_is_not_the_mail_name(tmp_path):
+    """(Where this machine's FQDN is dotted, that is the mail name, and this
+    test shows nothing; on one without, EHLO said bücher.example and failed.)"""
+    assert minimail.choose_mail_name("", lambda: "vm", "me@bücher.example") is None
+    assert minimail.choose_mail_name("", lambda: "vm", "me@bücher.example",
+                                     "admin@hoster.example") == "hoster.example"
+    mailname = tmp_path / "mailname"
+    mailname.write_text("")
+    listening = StandIn()
+    try:
+        config = tmp_path / "minimail.conf"
+        config.write_text(f"MINIMAIL_OPTIONS=--listen 127.0.0.1:{listening.port} --no-queue\n"
+                          "MINIMAIL_SENDER=me@bücher.example\n")
+        env = {**os.environ, "MINIMAIL_CONFIG": str(config), "MINIMAIL_MAILNAME": str(mailname)}
+        result = subprocess.run([str(CONSOLE_SCRIPT), "sendmail", "-i", "-f", "me@example.org",
+                                 "you@hoster.example"], input=b"Subject: x\n\nhi\n",
+                                capture_output=True, env=env, timeout=30)
+    finally:
+        listening.close()
+    assert result.returncode == 0, result.stderr
