@@ -676,6 +676,20 @@ class SettingsFile:
             values[key] = value
         return cls(path, values)
 
+    def check_options(self):
+        """UsageError naming the file if MINIMAIL_OPTIONS holds an unknown option,
+        or one without its value (the sendmail command reads it in pieces, later:
+        a 78 there, not a 70, nor --queue's value silently taken for the default)."""
+        try:
+            options, _ = split_argv(self.options)
+            table = option_table()
+            missing = next((name for name, value in options if value is None and table[name][1]),
+                           None)
+            if missing:
+                raise UsageError(f"{missing} needs a value")
+        except UsageError as exc:
+            raise UsageError(f"{self.path}: MINIMAIL_OPTIONS: {exc}") from None
+
     def option(self, name):
         """The last value MINIMAIL_OPTIONS gives an option (canonical name), or None."""
         found = None
@@ -5948,8 +5962,10 @@ ALIAS_STEPS_MAX = 1000
 MAIL_NAME_FALLBACK = "localhost.localdomain"
 #: Names every machine goes by (address literals included).
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "[127.0.0.1]", "[ipv6:::1]")
-#: A host name as minimail accepts it from a file or the resolver.
-HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,62}\.?)*", re.I)
+#: A host name as minimail accepts it from a file or the resolver: labels of
+#: at most 63 characters between single dots (each dot ends a label, so a
+#: name that fails is found out in one pass, never by trying every split).
+HOST_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}(?:\.[a-z0-9-]{1,63})*\.?", re.I)
 
 
 def domain_of(address):
@@ -5991,9 +6007,10 @@ def read_small_file(path, limit):
 
 def choose_mail_name(file_name, fqdn, sender=None, admin=None):
     """The mail name: /etc/mailname's if dotted, else the FQDN if dotted, else
-    the domain of the sender (or admin) address; None if none of them is."""
+    the domain of the sender (or admin) address; None if none of them is.  A
+    name EHLO cannot say (not ASCII, not a host name) is passed over."""
     for name in (file_name, fqdn(), domain_of(sender or ""), domain_of(admin or "")):
-        if dotted(name):
+        if dotted(name) and len(name) <= 253 and HOST_NAME.fullmatch(name):
             return name
     return None
 
@@ -6261,11 +6278,12 @@ class Unreachable(SendmailExit):
     final reply.  Only this sends the mail to the maildrop (a reply, even a 4xx,
     means minimail runs and has spoken)."""
 
-    def __init__(self, what, detail, message, pending=None):
+    def __init__(self, what, detail, message, pending=None, answered=None):
         super().__init__(EX_TEMPFAIL, message)
         self.what = what                  # "is not running", "went away"
         self.detail = detail              # where, and what happened
         self.pending = pending            # the recipients not yet accepted (None: all)
+        self.answered = answered or {}    # the others: {recipient: minimail's Reply}
 
 
 SendmailFlags = collections.namedtuple(
@@ -6359,6 +6377,7 @@ def sendmail_main(argv):
         flags, recipients = parse_sendmail_flags(argv)
         try:
             settings_file = SettingsFile.find()
+            settings_file.check_options()
         except UsageError as exc:
             raise SendmailExit(EX_CONFIG, str(exc)) from None
         if flags.mode == "p":
@@ -6407,7 +6426,7 @@ def newaliases(path):
 
 
 #: Where the machine's minimail keeps its queue: root's daemon, the service.
-MACHINE_QUEUES = ("/var/spool/minimail", "/var/lib/minimail/queue")
+MACHINE_QUEUES = (ROOT_QUEUE, SERVICE_QUEUE)
 
 
 def mailq_directory(settings_file, machine_queues=MACHINE_QUEUES):
@@ -6952,7 +6971,8 @@ def submit_in_transactions(client, sender, recipients, parameters, message, wher
             done = client.transaction(sender, todo, parameters, message)
         except DialogueFailed as exc:
             if exc.gone:                  # what is not taken yet goes to the maildrop
-                raise went_away(where, exc, todo) from None
+                answered = {r: reply for r, reply in results.items() if r not in todo}
+                raise went_away(where, exc, todo, answered) from None
             raise
         if done.refused is not None:
             raise SendmailExit(EX_UNAVAILABLE if done.refused.code >= 500 else EX_TEMPFAIL,
@@ -6977,11 +6997,12 @@ def submission_status(recipients, results):
                                f"accepted, <{printable(recipient, 100)}> with: {reply}")
 
 
-def went_away(where, exc, pending):
+def went_away(where, exc, pending, answered=None):
     """minimail went away before its final reply: the mail, or the recipients
-    still pending, may go to the maildrop."""
+    still pending, may go to the maildrop (answered: its replies for the others,
+    from the transactions before)."""
     return Unreachable("went away", f"{where}: {exc}", f"minimail at {where}: {exc}",
-                       pending=pending)
+                       pending=pending, answered=answered)
 
 
 def keep_in_maildrop(unreachable, settings_file, sender, recipients, message, options):
@@ -6996,7 +7017,9 @@ def keep_in_maildrop(unreachable, settings_file, sender, recipients, message, op
             raise SendmailExit(EX_TEMPFAIL, f"{unreachable}; the message ({message.size} bytes) "
                                             f"is larger than --max-size: not kept in {where}")
         pending = recipients if unreachable.pending is None else unreachable.pending
-        write_to_maildrop(maildrop, maildrop_envelope(sender, pending, options), message)
+        for first in range(0, len(pending), MAX_RECIPIENTS):     # each one the daemon takes
+            envelope = maildrop_envelope(sender, pending[first:first + MAX_RECIPIENTS], options)
+            write_to_maildrop(maildrop, envelope, message)
     except OSError as exc:
         raise SendmailExit(EX_TEMPFAIL, f"{unreachable}; and {where} cannot keep the mail: "
                                         f"{exc.strerror}") from None
@@ -7004,7 +7027,9 @@ def keep_in_maildrop(unreachable, settings_file, sender, recipients, message, op
         os.close(maildrop)
     print(f"minimail: minimail {unreachable.what} ({unreachable.detail}): the mail waits in "
           f"{where} and goes out once minimail runs", file=sys.stderr)
-    return EX_OK
+    kept = Reply(250, [f"kept in {where}"])
+    return submission_status(recipients, {**dict.fromkeys(recipients, kept),
+                                          **unreachable.answered})
 
 
 def maildrop_size_limit(settings_file):
@@ -7026,7 +7051,7 @@ def find_maildrop(settings_file):
         return None, None
     named = settings_file.option("--queue")
     for queue in [os.path.abspath(named)] if named else \
-            dict.fromkeys((default_paths().queue, ROOT_QUEUE, SERVICE_QUEUE)):
+            dict.fromkeys((default_paths().queue, *MACHINE_QUEUES)):
         maildrop = open_maildrop(queue)
         if maildrop is not None:
             return queue, maildrop
