@@ -14,12 +14,14 @@ import signal
 import smtplib
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
 
 from conftest import (
-    SWAKS, make_message, minimail_command, need, as_nobody, send_mail, wait_until)
+    AS_ROOT, MINIMAIL, SWAKS, as_nobody, free_port, make_message, minimail_command, need,
+    send_mail, wait_until)
 
 
 def queued_as(reply):
@@ -536,3 +538,56 @@ def test_hostile_files_in_the_queue_are_left_alone_and_never_followed(tmp_path):
     assert len(complaints) == 5 and all("has no valid envelope" in c and "left alone" in c
                                         for c in complaints)      # the odd name: not a message
     assert json.loads(minimail_command("queue", "--json", "--queue", queue).stdout)["messages"] == []
+
+
+# ---------------------------------------------------------------------------
+# Found in a second read of the merged queue: a SIZE in digits that are not
+# ASCII, and a flush or delete that signals a daemon still starting
+# ---------------------------------------------------------------------------
+
+def test_a_size_in_digits_that_are_not_ascii_gets_a_reply_not_a_traceback(
+        queueing, hoster_reachable):
+    hoster_reachable(False)
+    mm = queueing()
+    talk = greeted_dialogue(mm.port)
+    assert talk.command("MAIL FROM:<a@b> SIZE=\u00b2").startswith(b"555 5.5.4")   # a superscript 2
+    assert talk.command("MAIL FROM:<a@b> SIZE=12").startswith(b"250")         # the session goes on
+    talk.close()
+    time.sleep(0.5)
+    assert "Traceback" not in mm.log()
+
+
+def test_a_flush_or_delete_while_minimail_starts_never_kills_it(tmp_path):
+    """`minimail flush` and `minimail delete` signal the pid they find (the pid
+    file's, the queue lock's) as soon as it is there: a daemon still starting
+    (here: clearing 20,000 leftovers from its queue's tmp/) must survive it."""
+    queue = tmp_path / "queue"
+    (queue / "tmp").mkdir(parents=True)
+    for path in (queue, queue / "tmp"):
+        path.chmod(0o700)
+    for i in range(20_000):
+        (queue / "tmp" / f"left-{i}").touch()
+    log_path = tmp_path / "minimail.log"
+    argv = [sys.executable, str(MINIMAIL), "--foreground", "--listen", f"127.0.0.1:{free_port()}",
+            *AS_ROOT, "--queue", str(queue), "--ssh", "false", "hoster"]
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=log_file)
+    try:
+        deadline = time.monotonic() + 30
+        while not (queue / "lock").exists() or not (queue / "lock").read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.001)
+        assert int((queue / "lock").read_text()) == proc.pid
+        assert list((queue / "tmp").iterdir()), "the start was over before the signals"
+        os.kill(proc.pid, signal.SIGUSR2)                    # what `minimail delete` sends
+        os.kill(proc.pid, signal.SIGUSR1)                    # what `minimail flush` sends
+        wait_until(lambda: proc.poll() is not None or "listening on" in log_path.read_text(),
+                   30, "minimail to listen")
+        assert proc.poll() is None, f"minimail died (status {proc.returncode})"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
