@@ -254,13 +254,19 @@ log = logging.getLogger("minimail")
 #                 the sendmail command: the step it is in, each reply bounded
 #                 and checked against that step, addresses as given, the one
 #                 dot-stuffer (stdlib only).
-#   Spool         the queue directory: durable writes, envelopes, failed/.
-#   Receiver      serves one SMTP session itself, into the spool.
-#   QueueRunner   delivers the spool through the tunnel, bounces what fails.
+#   Spool         the queue directory: durable writes, envelopes, failed/;
+#                 QueueLock keeps a second daemon off it.
+#   Receiver      serves one SMTP session itself, into the spool (within the
+#                 runner's room_for: the queue's cap and its disk's reserve).
+#   QueueRunner   delivers the spool through the tunnel, bounces what fails;
+#                 it alone writes the spool's messages (one write at a time),
+#                 its Schedule (on the monotonic clock) and `minimail delete`'s
+#                 answers; every message has its own error boundary.
 #   Maildrop      takes in, as hostile input, what the sendmail command left in
 #                 the queue's maildrop/ while minimail was down.
 #   daemon files  pid file (locked), state file, log file, privileges.
-#   sendmail      the sendmail(8) command: stdlib only, no gevent.
+#   sendmail      the sendmail(8) command: stdlib only, no gevent; MailNames
+#                 and Aliases address local mail as the machine's MTA.
 
 #: Options ssh always gets right after its name; ssh keeps the first value it
 #: is given, so neither --ssh's arguments nor -o can undo them.
