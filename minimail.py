@@ -2586,8 +2586,6 @@ REFUSED = "refused"
 MAILDROP_LINE = b"MINIMAIL-MAILDROP "
 #: The longest envelope line of a maildrop file.
 MAILDROP_ENVELOPE_MAX = 1024 * 1024
-#: The most recipients a maildrop file may name (queued MAX_RECIPIENTS a message).
-MAILDROP_RECIPIENTS_MAX = 5000
 #: The daemon looks into the maildrop at least this often (and at start, on flush).
 MAILDROP_EVERY = 60.0
 #: At most this many files are taken in in one look (a flood waits for the next).
@@ -3881,32 +3879,21 @@ class Maildrop:
                 envelope = read_maildrop_envelope(dropped, st, self.settings.max_size)
             except ValueError as exc:
                 return self.refuse(name, str(exc)), []
-            size = st.st_size * -(-len(envelope[1]) // MAX_RECIPIENTS)
-            refusal = self.room_for(size, size)
+            refusal = self.room_for(st.st_size, st.st_size)
             if refusal is not None:
                 log.warning("maildrop: cannot queue a file of uid %d now: %s", st.st_uid,
                             refusal[1])
                 return Intake.LATER, []
-            outcome, queued = self.queue_all(dropped, st, *envelope)
-        if outcome is Intake.QUEUED:
-            self.remove(name, st)
-        return outcome, queued
-
-    def queue_all(self, dropped, st, sender, recipients, body, smtputf8):
-        """Queue an open maildrop file, MAX_RECIPIENTS recipients a message."""
-        start, queued = dropped.tell(), []
-        try:
-            for first in range(0, len(recipients), MAX_RECIPIENTS):
-                dropped.seek(start)
-                queued.append(self.queue(dropped, st.st_size - start, st.st_uid, sender,
-                                         recipients[first:first + MAX_RECIPIENTS], body, smtputf8))
-        except OSError as exc:
-            log.warning("maildrop: cannot queue a file of uid %d now: %s", st.st_uid,
-                        exc.strerror)
-            return Intake.LATER, queued
+            try:
+                queued = self.queue(dropped, st.st_size - dropped.tell(), st.st_uid, *envelope)
+            except OSError as exc:
+                log.warning("maildrop: cannot queue a file of uid %d now: %s", st.st_uid,
+                            exc.strerror)
+                return Intake.LATER, []
         log.info("maildrop: a file of uid %d taken in: queued as %s (%d bytes, %d recipient(s))",
-                 st.st_uid, ", ".join(e.id for e in queued), queued[0].size, len(recipients))
-        return Intake.QUEUED, queued
+                 st.st_uid, queued.id, queued.size, len(queued.recipients))
+        self.remove(name, st)
+        return Intake.QUEUED, [queued]
 
     def queue(self, dropped, size, owner, sender, recipients, body, smtputf8):
         """One queued message (blocking): through a draft and the spool's commit."""
@@ -3994,7 +3981,7 @@ def checked_maildrop_envelope(raw):
         raise ValueError("its envelope is not one")
     sender, recipients, body, smtputf8 = (data[k] for k in ("sender", "recipients", "body",
                                                               "smtputf8"))
-    if not isinstance(recipients, list) or not 0 < len(recipients) <= MAILDROP_RECIPIENTS_MAX \
+    if not isinstance(recipients, list) or not 0 < len(recipients) <= MAX_RECIPIENTS \
             or not valid_address(sender) \
             or not all(valid_address(r) and r for r in recipients):
         raise ValueError("bad addresses in its envelope")
