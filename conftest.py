@@ -38,6 +38,24 @@ AS_ROOT = ["--user", "root"] if os.geteuid() == 0 else []
 os.environ["MINIMAIL_CONFIG"] = os.devnull
 
 
+#: What Debian's cron pipes to `sendmail -FCronDaemon -i -B8BITMIME -oem root`
+#: for a job's output: LF line ends, no Date, no Message-ID.
+CRON_MAIL = """\
+From: root (Cron Daemon)
+To: root
+Subject: Cron <root@desktop> /usr/local/bin/backup
+MIME-Version: 1.0
+Content-Type: text/plain; charset=UTF-8
+Content-Transfer-Encoding: 8bit
+X-Cron-Env: <SHELL=/bin/sh>
+X-Cron-Env: <HOME=/root>
+
+backup: 3 files copied, Größe 12 kB
+.
+the line above has a lone dot, which -i keeps
+"""
+
+
 def need(tool, path):
     """Skip when a tool is missing, except in CI, where that is a failure."""
     if path and os.access(path, os.X_OK):

@@ -27,27 +27,13 @@ from pathlib import Path
 import pytest
 
 import minimail
-from conftest import MINIMAIL, console_script, free_port, minimail_command, need, wait_until
+from conftest import (MINIMAIL, CRON_MAIL, console_script, free_port, minimail_command, need,
+                      wait_until)
 
 CONSOLE_SCRIPT = console_script()
 SENDER, ADMIN = "me@desktop.example", "admin@hoster.example"
 NOBODY = pwd.getpwnam("nobody")
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to be another user")
-
-#: What Debian's cron pipes to `sendmail -FCronDaemon -i -B8BITMIME -oem root`.
-CRON_MAIL = """\
-From: root (Cron Daemon)
-To: root
-Subject: Cron <root@desktop> /usr/local/bin/backup
-MIME-Version: 1.0
-Content-Type: text/plain; charset=UTF-8
-Content-Transfer-Encoding: 8bit
-
-backup: 3 files copied, Größe 12 kB
-.
-the line above has a lone dot, which -i keeps
-"""
-
 
 # ---------------------------------------------------------------------------
 # The parts: a machine with minimail installed, its daemon, a stand-in minimail

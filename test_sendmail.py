@@ -19,27 +19,11 @@ from pathlib import Path
 import pytest
 
 from conftest import (
-    AS_ROOT, console_script, free_port, make_message, minimail_command, minimail_via, need, wait_until)
+    AS_ROOT, CRON_MAIL, console_script, free_port, make_message, minimail_command, minimail_via,
+    need, wait_until)
 
 CONSOLE_SCRIPT = console_script()
 SENDER, ADMIN = "me@desktop.example", "admin@hoster.example"
-
-#: What Debian's cron pipes to `sendmail -FCronDaemon -i -B8BITMIME -oem root`
-#: for a job's output: LF line ends, no Date, no Message-ID.
-CRON_MAIL = """\
-From: root (Cron Daemon)
-To: root
-Subject: Cron <root@desktop> /usr/local/bin/backup
-MIME-Version: 1.0
-Content-Type: text/plain; charset=UTF-8
-Content-Transfer-Encoding: 8bit
-X-Cron-Env: <SHELL=/bin/sh>
-X-Cron-Env: <HOME=/root>
-
-backup: 3 files copied, Größe 12 kB
-.
-the line above has a lone dot, which -i keeps
-"""
 
 
 @pytest.fixture
